@@ -1,0 +1,199 @@
+"""The one place that reads and writes files of learned weights.
+
+Artifacts are ``.safetensors`` only — never pickle — so loading one can never execute code. Their header metadata
+(string → string, as safetensors requires) carries, under the key ``"erasure"``, a JSON object with:
+
+=================  =====================================================================================
+``kind``           what the tensors are: ``weight_delta`` (ESD, SalUn: θ − θ₀ of the changed weights),
+                   ``membrane`` (SPM), ``saliency_mask`` (SalUn masks), ``checkpoint`` (resumable training)
+``format_version`` integer; files newer than this package are refused
+``method``         ``esd``, ``spm``, ``salun``, …, with its ``config`` (the run's resolved dataclass)
+``concept``        the preset name and its ``prompts``
+``base_model``     what it was trained on (``toy``, a hub id or a folder) and its ``fingerprint``
+``version``        the package version that wrote it
+=================  =====================================================================================
+
+Writes are atomic (temp file in the same folder + rename). Loading validates the file and every problem is a
+:class:`~adapters.errors.UserError` naming the file and the mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from adapters.errors import UserError
+
+FORMAT_VERSION = 1
+KINDS = ("weight_delta", "membrane", "saliency_mask", "checkpoint")
+META_KEY = "erasure"
+MAX_HEADER_BYTES = 100 * 2**20  # a safetensors header larger than this is refused unread
+MAX_METADATA_BYTES = 1 * 2**20
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # raw pickle protocol ≥ 2, or torch.save's zip container
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("concept-erasure-toolkit")
+    except Exception:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+def fingerprint(named_shapes: Iterable[tuple[str, tuple[int, ...]]], architecture: str = "") -> str:
+    """A short hash of the architecture name plus the names and shapes of the weights an artifact touches."""
+    h = hashlib.sha256(architecture.encode())
+    for name, shape in sorted(named_shapes):
+        h.update(f"{name}:{tuple(shape)}\n".encode())
+    return f"{architecture}:{h.hexdigest()[:16]}"
+
+
+def module_fingerprint(module: torch.nn.Module, names: Iterable[str]) -> str:
+    """Fingerprint of ``module`` restricted to the parameter/buffer ``names`` (those an artifact touches)."""
+    state = dict(module.state_dict(keep_vars=True))
+    missing = [n for n in names if n not in state]
+    if missing:
+        return f"{type(module).__name__}:missing:{missing[0]}"
+    return fingerprint(((n, tuple(state[n].shape)) for n in names), type(module).__name__)
+
+
+@dataclass
+class Artifact:
+    """A loaded, validated artifact: its tensors and its decoded metadata."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    metadata: dict = field(default_factory=dict)
+    raw_metadata: dict = field(default_factory=dict)  # the header's own string → string map
+
+    @property
+    def kind(self) -> str | None:
+        return self.metadata.get("kind")
+
+    @property
+    def has_metadata(self) -> bool:
+        return bool(self.metadata)
+
+
+def save_artifact(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping, *,
+                  extra_strings: Mapping[str, str] | None = None) -> Path:
+    """Write ``tensors`` and ``metadata`` (must contain ``kind``) atomically to a ``.safetensors`` file.
+
+    ``extra_strings`` are written as top-level header strings beside ours (e.g. the kohya keys other tools read).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise UserError(f"{path}: artifacts are written as .safetensors files only")
+    if metadata.get("kind") not in KINDS:
+        raise ValueError(f"metadata kind must be one of {KINDS}, got {metadata.get('kind')!r}")
+    meta = {"format_version": FORMAT_VERSION, "version": package_version(), **metadata}
+    header = {"format": "pt", META_KEY: json.dumps(meta, sort_keys=True, default=str), **(extra_strings or {})}
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e} — choose a writable --output") from None
+    try:
+        save_file(clean, tmp, metadata=header)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check_container(path: Path) -> None:
+    """Refuse anything that is not a plausible safetensors file before handing it to the parser."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a .safetensors file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(_PICKLE_MAGIC):
+        raise UserError(f"{path}: is a pickle/torch.save file; only .safetensors artifacts are loaded (pickles can run code)")
+    if len(head) < 8:
+        raise UserError(f"{path}: truncated or empty file, not a safetensors artifact")
+    n = int.from_bytes(head, "little")
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise UserError(f"{path}: corrupt or truncated safetensors file (header claims {n} bytes, file has {size})")
+
+
+def _decode_metadata(path: Path, raw: Mapping[str, str]) -> dict:
+    blob = raw.get(META_KEY)
+    if blob is None:
+        return {}
+    if len(blob) > MAX_METADATA_BYTES:
+        raise UserError(f"{path}: metadata is {len(blob)} bytes, over the {MAX_METADATA_BYTES} limit")
+    try:
+        meta = json.loads(blob)
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: its '{META_KEY}' metadata is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: its '{META_KEY}' metadata is not a JSON object")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise UserError(f"{path}: metadata has no valid format_version")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path}: format version {version} is newer than this toolkit reads ({FORMAT_VERSION}); upgrade it")
+    if meta.get("kind") not in KINDS:
+        raise UserError(f"{path}: unknown artifact kind {meta.get('kind')!r} (known: {', '.join(KINDS)})")
+    return meta
+
+
+def load_artifact(path: str | os.PathLike, *, kind: str | None = None, allow_missing_metadata: bool = False) -> Artifact:
+    """Load and validate an artifact. ``kind`` requires that kind; files without our metadata are refused unless
+    ``allow_missing_metadata`` (then ``metadata`` is empty and the caller validates shapes)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    _check_container(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = dict(f.metadata() or {})
+            meta = _decode_metadata(path, raw)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise UserError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    if not meta and not allow_missing_metadata:
+        raise UserError(f"{path}: has no '{META_KEY}' metadata; it was not written by this toolkit")
+    if kind is not None and meta and meta.get("kind") != kind:
+        raise UserError(f"{path}: is a {meta.get('kind')} artifact, expected {kind}")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{path}: tensor '{name}' contains NaN or infinite values")
+    return Artifact(path, tensors, meta, raw)
+
+
+def check_fits(art: Artifact, module: torch.nn.Module, names: Iterable[str] | None = None) -> None:
+    """Refuse an artifact whose tensors do not fit ``module`` (another base model), with one clear line."""
+    state = dict(module.state_dict(keep_vars=True))
+    for name in names if names is not None else art.tensors:
+        if name not in state:
+            raise UserError(f"{art.path}: made for another base model: this model has no weight '{name}'")
+        want, got = tuple(state[name].shape), tuple(art.tensors[name].shape)
+        if want != got:
+            raise UserError(f"{art.path}: made for another base model: '{name}' is {got} in the file, {want} here")
+    expected = art.metadata.get("base_model", {}).get("fingerprint") if art.metadata else None
+    if expected and names is None:
+        here = module_fingerprint(module, list(art.tensors))
+        if here != expected:
+            raise UserError(f"{art.path}: made for another base model (fingerprint {expected}, this model {here})")
+

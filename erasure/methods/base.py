@@ -1,0 +1,178 @@
+"""What every fine-tuning erasure method shares: parameter selection, the frozen reference, partial sampling,
+the training loop (accelerate, progress, resumable checkpoints), and the weight-delta artifact.
+
+A method subclasses :class:`FineTuneMethod` and provides ``trainable_names()`` and ``loss(gen)``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from adapters.artifact import load_artifact, module_fingerprint, save_artifact
+from adapters.errors import UserError
+
+
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder hidden states (B, 77, D) for SD-style pipelines, no CFG doubling."""
+    with torch.no_grad():
+        emb, _ = pipe.encode_prompt(prompts, pipe.device, 1, False)
+    return emb
+
+
+@contextmanager
+def swapped(module: torch.nn.Module, values: dict[str, torch.Tensor]):
+    """Temporarily give named parameters other values (e.g. the frozen originals) without copying the module."""
+    params = dict(module.named_parameters())
+    saved = {n: params[n].data for n in values}
+    try:
+        for n, v in values.items():
+            params[n].data = v
+        yield module
+    finally:
+        for n, v in saved.items():
+            params[n].data = v
+
+
+def cfg_eps(unet, z, t, cond, uncond, scale: float) -> torch.Tensor:
+    """Classifier-free-guided ε: ε(∅) + s·(ε(c) − ε(∅)). z (B, 4, h, w); cond, uncond (B, 77, D)."""
+    e_u, e_c = unet(torch.cat([z, z]), t, torch.cat([uncond, cond])).sample.chunk(2)
+    return e_u + scale * (e_c - e_u)
+
+
+@torch.no_grad()
+def partial_ddim(unet, scheduler, cond, uncond, *, n_steps: int, stop_at: int, guidance: float, gen) -> tuple:
+    """Run ``stop_at`` of ``n_steps`` DDIM steps (η = 0, CFG) from pure noise → (z_t, t). z_t (B, 4, h, w)."""
+    scheduler.set_timesteps(n_steps)
+    c, s = unet.config.in_channels, unet.config.sample_size
+    z = torch.randn((cond.shape[0], c, s, s), generator=gen).to(cond.device, cond.dtype) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps[:stop_at]:
+        z = scheduler.step(cfg_eps(unet, z, t, cond, uncond, guidance), t, z).prev_sample
+    return z, scheduler.timesteps[stop_at]
+
+
+class FineTuneMethod(ABC):
+    """Base of methods that fine-tune UNet weights and ship the change as a ``weight_delta`` artifact."""
+
+    name = "base"
+
+    def __init__(self, pipe, concept, config, run):
+        self.pipe, self.concept, self.config, self.run = pipe, concept, config, run
+        self.unet = pipe.unet
+        names = self.trainable_names()
+        if not names:
+            raise UserError(f"{self.name}: the selection '{getattr(config, 'variant', '?')}' matches no UNet parameter")
+        self.unet.requires_grad_(False)
+        params = dict(self.unet.named_parameters())
+        self.params = {n: params[n] for n in names}
+        for p in self.params.values():
+            p.requires_grad_(True)
+        # the frozen originals θ₀ of the trainable weights (the rest of the UNet is shared, never copied)
+        self.original = {n: p.detach().clone() for n, p in self.params.items()}
+
+    # -- to override -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def trainable_names(self) -> list[str]:
+        """Names of the UNet parameters this method trains."""
+
+    @abstractmethod
+    def loss(self, gen: torch.Generator) -> torch.Tensor:
+        """One step's scalar loss; all randomness drawn from ``gen`` (resumable, deterministic)."""
+
+    # -- shared ------------------------------------------------------------------------------------------------
+    def frozen(self):
+        """Context: the UNet with its original weights θ₀ (the frozen reference model)."""
+        return swapped(self.unet, self.original)
+
+    def delta(self) -> dict[str, torch.Tensor]:
+        return {n: (p.detach() - self.original[n]).to(torch.float32) for n, p in self.params.items()}
+
+    def metadata(self, model_id: str) -> dict:
+        return {
+            "kind": "weight_delta",
+            "method": self.name,
+            "config": asdict(self.config),
+            "concept": self.concept.name,
+            "prompts": list(self.concept.prompts),
+            "base_model": {"id": model_id, "fingerprint": module_fingerprint(self.unet, list(self.params))},
+            "target": "unet",
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training loop
+
+
+def _checkpoint_path(output: Path) -> Path:
+    return output.with_name(output.name + ".ckpt.safetensors")
+
+
+def _save_checkpoint(path: Path, method: FineTuneMethod, opt, step: int, gen: torch.Generator, history: list) -> None:
+    tensors = {f"param/{n}": p.detach() for n, p in method.params.items()}
+    for n, p in method.params.items():
+        for k, v in opt.state.get(p, {}).items():
+            if torch.is_tensor(v):
+                tensors[f"opt/{n}/{k}"] = v
+    tensors["rng"] = gen.get_state()
+    meta = {"kind": "checkpoint", "checkpoint": {"step": step, "history": history}, "method": method.name,
+            "config": asdict(method.config)}
+    save_artifact(path, tensors, meta)
+
+
+def _load_checkpoint(path: Path, method: FineTuneMethod, opt, gen: torch.Generator) -> tuple[int, list]:
+    art = load_artifact(path)
+    ck = art.metadata.get("checkpoint")
+    if not ck or art.metadata.get("config") != asdict(method.config):
+        raise UserError(f"{path}: checkpoint of another run configuration; delete it or drop --resume")
+    with torch.no_grad():
+        for n, p in method.params.items():
+            p.copy_(art.tensors[f"param/{n}"])
+    for n, p in method.params.items():
+        state = {k.rsplit("/", 1)[1]: v for k, v in art.tensors.items() if k.startswith(f"opt/{n}/")}
+        if state:
+            opt.state[p] = state
+    gen.set_state(art.tensors["rng"])
+    return int(ck["step"]), list(ck["history"])
+
+
+def fit(method: FineTuneMethod, *, steps: int, lr: float, output: Path, seed: int, accelerator,
+        checkpoint_every: int = 100, resume: bool = False, quiet: bool = False, log_every: int = 25) -> list[float]:
+    """Train ``method`` for ``steps`` Adam steps → loss history. Checkpoints next to ``output``; ``resume`` continues
+    bit-identically on CPU (parameters, optimiser moments and the random state are all restored)."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(method.params.values(), lr=lr)  # ESD / SalUn use Adam without weight decay
+    ckpt = _checkpoint_path(output)
+    start, history = 0, []
+    if resume and ckpt.exists():
+        start, history = _load_checkpoint(ckpt, method, opt, gen)
+    bar = tqdm(total=steps, initial=start, desc=f"{method.name} {method.concept.name}", dynamic_ncols=True,
+               disable=quiet or not sys.stderr.isatty())
+    t0 = time.time()
+    for step in range(start, steps):
+        with accelerator.autocast():
+            loss = method.loss(gen)
+        if not torch.isfinite(loss):
+            raise UserError(f"{method.name}: the loss became {loss.item()} at step {step}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        opt.step()
+        history.append(round(loss.item(), 6))
+        bar.update()
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+        if not quiet and bar.disable and (step + 1) % log_every == 0:  # log lines where there is no bar
+            print(f"step {step + 1}/{steps} loss {history[-1]:.5f} ({time.time() - t0:.0f} s)", file=sys.stderr)
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            _save_checkpoint(ckpt, method, opt, step + 1, gen, history)
+    bar.close()
+    return history
+
+
+def remove_checkpoint(output: Path) -> None:
+    _checkpoint_path(output).unlink(missing_ok=True)

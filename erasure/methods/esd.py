@@ -1,0 +1,70 @@
+"""Erasing Concepts from Diffusion Models (Gandikota et al., ICCV 2023), arXiv 2303.07345.
+
+The fine-tuned model θ learns to predict, for the concept c, what the frozen model θ* predicts under *negative*
+guidance away from c:
+
+    ε_θ(x_t, c, t)  ←  ε_θ*(x_t, t) − η · [ε_θ*(x_t, c, t) − ε_θ*(x_t, t)]            (paper Eq. 5 target)
+
+x_t comes from partial DDIM sampling (η_DDIM = 0, CFG 3) conditioned on c, stopped at a random step of 50.
+Variants by trained parameters: ESD-x (cross-attention ``attn2``), ESD-u (everything but cross-attention,
+time embedding and the output layers — ``noxattn`` of the paper code), ``full``, ``selfattn``.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from erasure.methods.base import FineTuneMethod, encode_prompts, partial_ddim
+
+_ESD_U_EXCLUDE = ("attn2", "time_embedding", "conv_out", "conv_norm_out")  # paper code: attn2, time_embed, out.
+
+
+def esd_loss(eps_theta: torch.Tensor, eps_star_c: torch.Tensor, eps_star_null: torch.Tensor, eta: float) -> torch.Tensor:
+    """Eq. 5: ‖ε_θ(x_t,c,t) − (ε*(x_t,t) − η(ε*(x_t,c,t) − ε*(x_t,t)))‖², per sample. Inputs (B, 4, h, w) → (B,)."""
+    target = eps_star_null - eta * (eps_star_c - eps_star_null)
+    return ((eps_theta - target) ** 2).flatten(1).mean(1)
+
+
+def select_parameters(unet: torch.nn.Module, variant: str) -> list[str]:
+    names = [n for n, _ in unet.named_parameters()]
+    if variant == "esd-x":
+        return [n for n in names if ".attn2." in n]
+    if variant == "selfattn":
+        return [n for n in names if ".attn1." in n]
+    if variant == "esd-u":
+        return [n for n in names if not any(k in n for k in _ESD_U_EXCLUDE)]
+    if variant == "full":
+        return names
+    raise ValueError(f"unknown ESD variant {variant!r}")
+
+
+class ESD(FineTuneMethod):
+    name = "esd"
+
+    def __init__(self, pipe, concept, config, run):
+        super().__init__(pipe, concept, config, run)
+        from diffusers import DDIMScheduler
+
+        self.sampler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.prompt_embeds = encode_prompts(pipe, list(concept.prompts))  # (P, 77, D)
+        self.null_embed = encode_prompts(pipe, [concept.surrogate])  # (1, 77, D): "" → unconditional
+
+    def trainable_names(self) -> list[str]:
+        return select_parameters(self.unet, self.config.variant)
+
+    def loss(self, gen: torch.Generator) -> torch.Tensor:
+        cfg = self.config
+        idx = torch.randint(len(self.prompt_embeds), (cfg.batch_size,), generator=gen)
+        cond = self.prompt_embeds[idx]  # (B, 77, D)
+        null = self.null_embed.expand_as(cond)
+        stop = int(torch.randint(cfg.ddim_steps, (1,), generator=gen))
+        with self.frozen() if cfg.sample_with == "frozen" else nullcontext():
+            z, t = partial_ddim(self.unet, self.sampler, cond, null, n_steps=cfg.ddim_steps, stop_at=stop,
+                                guidance=cfg.start_guidance, gen=gen)
+        t = t.expand(cfg.batch_size).to(z.device)
+        with torch.no_grad(), self.frozen():
+            e_null, e_c = self.unet(torch.cat([z, z]), torch.cat([t, t]), torch.cat([null, cond])).sample.chunk(2)
+        e_theta = self.unet(z, t, cond).sample
+        return esd_loss(e_theta, e_c, e_null, cfg.eta).mean()

@@ -1,0 +1,368 @@
+"""Rebuild every toy-world weight from seeds: ``python -m erasure.toyworld.build``.
+
+Stages (each writes its weights atomically, so an interrupted build resumes at the first missing stage):
+
+1. ``vae``   — AutoencoderKL on data images (L1 + small KL), then the latent scaling factor is measured.
+2. ``unet``  — CLIP text encoder and UNet trained jointly on VAE latents of captioned images (ε-prediction, SD's
+   noise schedule, 10 % caption dropout for classifier-free guidance, EMA).
+3. ``judge`` — the multi-label judge on data images, their VAE reconstructions, and negatives.
+4. ``clip``  — a tiny open_clip CLIP trained contrastively on the captions.
+
+The defaults are the committed build. ``--scale 0.01`` runs a smoke build (tests use it on a temp folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from copy import deepcopy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from erasure.toyworld import data, models
+from erasure.toyworld.paths import WEIGHTS_DIR
+
+
+@dataclass
+class BuildConfig:
+    output: str = str(WEIGHTS_DIR)
+    seed: int = 0
+    n_images: int = 60000  # diffusion training set (seeded procedural images)
+    n_judge: int = 24000  # judge positives; negatives are 40 % more
+    vae_steps: int = 1200
+    vae_batch: int = 32
+    unet_steps: int = 1600
+    unet_batch: int = 128
+    unet_lr: float = 1e-3
+    judge_steps: int = 1200
+    judge_batch: int = 128
+    clip_steps: int = 1000
+    scale: float = 1.0  # multiplies every size and step count (smoke builds)
+    threads: int = 0  # torch threads; 0 = torch's default
+    quiet: bool = False
+
+    def scaled(self, name: str) -> int:
+        return max(2, int(getattr(self, name) * self.scale))
+
+
+def _bar(cfg, total, desc):
+    return tqdm(total=total, desc=desc, disable=cfg.quiet or not sys.stderr.isatty(), dynamic_ncols=True)
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return f
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) → float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def _save_model_atomic(model, folder: Path, **kw) -> None:
+    """save_pretrained into a temp sibling, then rename: a killed build never leaves a half-written stage."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    model.save_pretrained(tmp, **kw)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def _log(cfg, msg):
+    if not cfg.quiet:
+        print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train_vae(cfg: BuildConfig, images: np.ndarray, out: Path):
+    torch.manual_seed(cfg.seed)
+    vae = models.make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    steps = cfg.scaled("vae_steps")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(100, steps))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x_all = _to_tensor(images)
+    with _bar(cfg, steps, "vae") as bar:
+        for step in range(steps):
+            idx = torch.randint(len(x_all), (cfg.vae_batch,), generator=gen)
+            x = x_all[idx]
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample(generator=gen)).sample
+            kl = post.kl().mean() / (4 * models.LATENT_SIZE**2)
+            loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + 1e-5 * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        z = torch.cat([vae.encode(x_all[i : i + 512]).latent_dist.mean for i in range(0, min(len(x_all), 4096), 512)])
+        rec = torch.cat([vae.decode(z[i : i + 512]).sample for i in range(0, len(z), 512)])
+    mse = F.mse_loss(rec.clamp(-1, 1), x_all[: len(rec)]).item()
+    psnr = 10 * math.log10(4.0 / mse)
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    _save_model_atomic(vae, out / "pipeline" / "vae", safe_serialization=True)
+    _log(cfg, f"vae: PSNR {psnr:.1f} dB, scaling factor {vae.config.scaling_factor:.4f}")
+    return vae, {"vae_psnr_db": round(psnr, 2)}
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, batch: int = 512):
+    """Posterior mean and std of every image, (N, 4, 8, 8) each, unscaled."""
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        d = vae.encode(_to_tensor(images[i : i + batch])).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def _ema_update(ema, model, decay):
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+
+
+def train_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, tokenizer, out: Path):
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(cfg.seed + 1)
+    unet, text_encoder = models.make_unet(), models.make_text_encoder()
+    noise_sched = models.make_scheduler("ddpm")
+    mean, std = encode_latents(vae, images)
+    sf = vae.config.scaling_factor
+    ids = tokenizer([s.caption for s in scenes], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
+    steps = cfg.scaled("unet_steps")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(100, steps))
+    ema_unet, ema_text = deepcopy(unet).requires_grad_(False), deepcopy(text_encoder).requires_grad_(False)
+    alphas = noise_sched.alphas_cumprod
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    with _bar(cfg, steps, "unet+text") as bar:
+        for step in range(steps):
+            idx = torch.randint(len(mean), (cfg.unet_batch,), generator=gen)
+            z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * sf  # (B, 4, 8, 8)
+            tok = ids[idx].clone()
+            drop = torch.rand(len(idx), generator=gen) < 0.1  # caption dropout → CFG
+            tok[drop] = empty
+            t = torch.randint(0, 1000, (len(idx),), generator=gen)
+            eps = torch.randn(z0.shape, generator=gen)
+            a = alphas[t].view(-1, 1, 1, 1)
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+            cond = text_encoder(tok).last_hidden_state  # (B, 77, 64)
+            loss = F.mse_loss(unet(zt, t, cond).sample, eps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            decay = min(0.999, (1 + step) / (10 + step))
+            _ema_update(ema_unet, unet, decay)
+            _ema_update(ema_text, text_encoder, decay)
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet, scheduler=models.make_scheduler("ddim"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.to(torch.float16)  # committed weights are fp16 (weight budget); loading upcasts
+    _save_model_atomic(pipe, out / "pipeline", safe_serialization=True)
+    vae.to(torch.float32)
+    _log(cfg, f"unet: final loss {loss.item():.4f}")
+    return {"unet_final_loss": round(loss.item(), 4)}
+
+
+def _multi_hot(labels: dict) -> np.ndarray:
+    v = np.zeros(len(data.SHAPES) + len(data.COLOURS) + len(data.FILLS), np.float32)
+    for s in labels.get("shapes", ()):
+        v[data.SHAPES.index(s)] = 1
+    for c in labels.get("colours", ()):
+        v[len(data.SHAPES) + list(data.COLOURS).index(c)] = 1
+    for f in labels.get("fills", ()):
+        v[len(data.SHAPES) + len(data.COLOURS) + data.FILLS.index(f)] = 1
+    return v
+
+
+def judge_set(n_pos: int, seed: int):
+    """Positives (all scene kinds, held-out pairs included) and negatives → uint8 images, multi-hot labels."""
+    rng = np.random.default_rng(seed)
+    scenes = [data.sample_scene(rng) for _ in range(n_pos)]
+    pos = [data.render(s, rng) for s in scenes]
+    labels = [_multi_hot(data.labels_of(s)) for s in scenes]
+    for _ in range(int(0.4 * n_pos)):
+        img, lab = data.sample_negative(rng)
+        pos.append(img)
+        labels.append(_multi_hot(lab))
+    return np.stack(pos), np.stack(labels)
+
+
+def held_out_pairs_set(n: int, seed: int):
+    """Images of the held-out shape × colour pairs (the judge must see those too)."""
+    rng = np.random.default_rng(seed)
+    imgs, labels = [], []
+    for k in range(n):
+        shape, colour = data.HELD_OUT[k % len(data.HELD_OUT)]
+        fill = str(rng.choice(data.FILLS))
+        sc = data.Scene([data._single_obj(shape, colour, fill, rng)], data._background(rng), "")
+        imgs.append(data.render(sc, rng))
+        labels.append(_multi_hot(data.labels_of(sc)))
+    return np.stack(imgs), np.stack(labels)
+
+
+def train_judge(cfg: BuildConfig, vae, out: Path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(cfg.seed + 2)
+    n = cfg.scaled("n_judge")
+    x, y = judge_set(n, cfg.seed + 100)
+    hx, hy = held_out_pairs_set(max(50, n // 20), cfg.seed + 101)
+    x, y = np.concatenate([x, hx]), np.concatenate([y, hy])
+    with torch.no_grad():  # the judge must also read decoded (slightly blurred) images
+        xt = _to_tensor(x)
+        rec = torch.cat([vae.decode(vae.encode(xt[i : i + 512]).latent_dist.mean).sample for i in range(0, len(xt), 512)])
+    clean = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    recon = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    labels = torch.from_numpy(y)
+    judge = models.Judge()
+    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
+    steps = cfg.scaled("judge_steps")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(100, steps))
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    with _bar(cfg, steps, "judge") as bar:
+        for step in range(steps):
+            idx = torch.randint(len(labels), (cfg.judge_batch,), generator=gen)
+            use_rec = torch.rand(len(idx), generator=gen) < 0.4
+            img = torch.where(use_rec.view(-1, 1, 1, 1), recon[idx], clean[idx]).float() / 255
+            img = img + torch.randn(img.shape, generator=gen) * 0.03 * torch.rand(len(idx), 1, 1, 1, generator=gen)
+            loss = F.binary_cross_entropy_with_logits(judge(img.clamp(0, 1)), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    judge.eval()
+    (out / "judge").mkdir(parents=True, exist_ok=True)
+    _save_tensors_atomic({k: v.half() for k, v in judge.state_dict().items()}, out / "judge" / "judge.safetensors", save_file)
+    return judge
+
+
+def _save_tensors_atomic(tensors, path: Path, save_file):
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def train_clip(cfg: BuildConfig, images: np.ndarray, scenes, out: Path):
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(cfg.seed + 3)
+    model = models.make_clip()
+    tok = open_clip.get_tokenizer("ViT-B-32")  # the same BPE; our captions are short
+    ids = tok([s.caption for s in scenes], context_length=models.CLIP_CONTEXT)
+    x_all = torch.from_numpy(images).permute(0, 3, 1, 2)
+    mean = torch.tensor(models.CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(models.CLIP_STD).view(1, 3, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    steps = cfg.scaled("clip_steps")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(100, steps))
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    with _bar(cfg, steps, "clip") as bar:
+        for step in range(steps):
+            idx = torch.randint(len(ids), (256,), generator=gen)
+            img = (x_all[idx].float() / 255 - mean) / std
+            f_img, f_txt, scale = model(img, ids[idx])
+            logits = scale * f_img @ f_txt.T  # (B, B)
+            # captions repeat inside a batch: every pair with the same caption counts as a positive
+            same = (ids[idx][:, None, :] == ids[idx][None, :, :]).all(-1).float()
+            target = same / same.sum(1, keepdim=True)
+            loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    (out / "clip").mkdir(parents=True, exist_ok=True)
+    _save_tensors_atomic({k: v.half() for k, v in model.state_dict().items()}, out / "clip" / "clip.safetensors", save_file)
+    return {"clip_final_loss": round(loss.item(), 4)}
+
+
+def build(cfg: BuildConfig) -> dict:
+    from pipelines.tokenizer import clip_tokenizer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"config": asdict(cfg)}
+    t0 = time.time()
+    images, scenes = data.make_dataset(cfg.scaled("n_images"), cfg.seed)
+    report["data_s"] = round(time.time() - t0, 1)
+    _log(cfg, f"data: {len(images)} images in {report['data_s']} s")
+    from diffusers import AutoencoderKL
+
+    t = time.time()
+    if (out / "pipeline" / "vae" / "config.json").exists():
+        vae = AutoencoderKL.from_pretrained(out / "pipeline" / "vae", torch_dtype=torch.float32)
+    else:
+        vae, info = train_vae(cfg, images, out)
+        report.update(info)
+    vae.eval().requires_grad_(False)
+    report["vae_s"] = round(time.time() - t, 1)
+    t = time.time()
+    if not (out / "pipeline" / "unet" / "config.json").exists():
+        report.update(train_unet(cfg, vae, images, scenes, clip_tokenizer(), out))
+    report["unet_s"] = round(time.time() - t, 1)
+    t = time.time()
+    if not (out / "judge" / "judge.safetensors").exists():
+        train_judge(cfg, vae, out)
+    report["judge_s"] = round(time.time() - t, 1)
+    t = time.time()
+    if not (out / "clip" / "clip.safetensors").exists():
+        report.update(train_clip(cfg, images, scenes, out))
+    report["clip_s"] = round(time.time() - t, 1)
+    report["total_s"] = round(time.time() - t0, 1)
+    (out / "build_report.json").write_text(json.dumps(report, indent=2))
+    _log(cfg, f"built in {report['total_s']} s → {out}")
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m erasure.toyworld.build", description=__doc__.split("\n")[0])
+    for name, f in BuildConfig.__dataclass_fields__.items():
+        if f.type in ("bool", bool):
+            p.add_argument(f"--{name.replace('_', '-')}", action="store_true")
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=f.default)
+    args = p.parse_args(argv)
+    build(BuildConfig(**vars(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

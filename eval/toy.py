@@ -1,0 +1,118 @@
+"""Toy-world measurements: base-world quality and concept erasure, judged by the toy judge.
+
+``python -m eval.toy --model toy [--artifact FILE ...] [--concept circle | --base]`` prints a JSON report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from eval.generate import generate
+from eval.metrics import ConceptRate
+
+
+def _judge_set(pipe, judge, prompts, *, images_per_prompt, seed, steps, guidance, batch_size):
+    texts = [p.text for p in prompts for _ in range(images_per_prompt)]
+    expected = [p for p in prompts for _ in range(images_per_prompt)]
+    images = generate(pipe, texts, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size)
+    return expected, judge.classify(images), images
+
+
+def _rate(pairs) -> dict:
+    m = ConceptRate()
+    hits, empty = zip(*pairs) if pairs else ((), ())
+    m.update(hits, empty)
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in m.compute().items()}
+
+
+def base_quality(pipe, judge, *, images_per_prompt: int = 2, seed: int = 0, steps: int = 25, guidance: float = 7.5,
+                 batch_size: int = 128) -> dict:
+    """Judge-measured quality of a toy pipeline on every shape × colour × fill, aliases, pairs, held-out pairs."""
+    from erasure.toyworld import base_prompts
+
+    kw = dict(images_per_prompt=images_per_prompt, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size)
+    sets = base_prompts(seed)
+    report = {}
+    for name in ("single", "held_out"):
+        exp, seen, _ = _judge_set(pipe, judge, sets[name], **kw)
+        report[name] = {
+            "shape": _rate([(p.shapes[0] in s.shapes, not s.shapes) for p, s in zip(exp, seen)]),
+            "colour": _rate([(p.colour in s.colours, not s.shapes) for p, s in zip(exp, seen)]),
+            "fill": _rate([(p.fill in s.fills, not s.shapes) for p, s in zip(exp, seen)]),
+        }
+    exp, seen, _ = _judge_set(pipe, judge, sets["alias"], **kw)
+    report["alias"] = {"shape": _rate([(p.shapes[0] in s.shapes, not s.shapes) for p, s in zip(exp, seen)])}
+    exp, seen, _ = _judge_set(pipe, judge, sets["pair"], **kw)
+    report["pair"] = {"both": _rate([(set(p.shapes) <= s.shapes, not s.shapes) for p, s in zip(exp, seen)])}
+    return report
+
+
+def concept_report(pipe, judge, concept: str, *, images_per_prompt: int = 2, seed: int = 0, steps: int = 25,
+                   guidance: float = 7.5, batch_size: int = 128) -> dict:
+    """Rates for one toy concept: on its own prompts, its aliases, other prompts, and two-object prompts.
+
+    - ``target`` / ``alias``: fraction of images where the judge sees the concept (lower is better after erasure);
+    - ``other``: fraction where it sees the *prompted* shape (colour for colour concepts, fill for fills);
+    - ``pair_other``: in two-object prompts with the concept, fraction where the other object is present;
+      ``pair_target``: where the concept is.
+    """
+    from erasure.toyworld import data, prompts
+
+    kw = dict(images_per_prompt=images_per_prompt, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size)
+    sets = prompts(concept, seed)
+    report = {"concept": concept}
+    for name in ("target", "alias"):
+        if sets[name]:
+            exp, seen, _ = _judge_set(pipe, judge, sets[name], **kw)
+            report[name] = _rate([(s.has(concept), not s.shapes) for s in seen])
+    exp, seen, _ = _judge_set(pipe, judge, sets["other"], **kw)
+    if concept in data.SHAPES:
+        report["other"] = _rate([(p.shapes[0] in s.shapes, not s.shapes) for p, s in zip(exp, seen)])
+    elif concept in data.COLOURS:
+        report["other"] = _rate([(p.colour in s.colours, not s.shapes) for p, s in zip(exp, seen)])
+    else:
+        report["other"] = _rate([(p.fill in s.fills, not s.shapes) for p, s in zip(exp, seen)])
+    report["other_shape"] = _rate([(p.shapes[0] in s.shapes, not s.shapes) for p, s in zip(exp, seen)])
+    if sets["pair"]:
+        exp, seen, _ = _judge_set(pipe, judge, sets["pair"], **kw)
+        other = [[x for x in p.shapes if x != concept][0] for p in exp]
+        report["pair_other"] = _rate([(o in s.shapes, not s.shapes) for o, s in zip(other, seen)])
+        report["pair_target"] = _rate([(concept in s.shapes, not s.shapes) for s in seen])
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import pipelines
+    from adapters.errors import UserError
+    from erasure.toyworld import load_judge
+
+    p = argparse.ArgumentParser(prog="python -m eval.toy", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="toy")
+    p.add_argument("--artifact", action="append", default=[], help="artifact(s) to apply first (repeatable)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--concept", help="a toy concept: shape, colour or fill")
+    g.add_argument("--base", action="store_true", help="measure the base world's quality")
+    p.add_argument("--images-per-prompt", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    args = p.parse_args(argv)
+    try:
+        pipe = pipelines.load(args.model)
+        for path in args.artifact:
+            pipelines.apply(pipe, path)
+        judge = load_judge()
+        kw = dict(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
+        report = base_quality(pipe, judge, **kw) if args.base else concept_report(pipe, judge, args.concept, **kw)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Shared fixtures: offline hub, accelerate reset, and the toy world erased once per test run."""
+
+import os
+
+# Set before anything imports huggingface_hub / transformers: a missing model must fail at once, not after retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps a per-process singleton; every test starts without one."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+
+
+@pytest.fixture(scope="session")
+def judge():
+    from erasure.toyworld import load_judge
+
+    return load_judge()
+
+
+@pytest.fixture(scope="session")
+def esd_circle(tmp_path_factory):
+    """ESD erasing 'circle' from the toy world, trained once per test run with the CLI defaults."""
+    from erasure.train import main
+
+    out = tmp_path_factory.mktemp("esd") / "circle-esd.safetensors"
+    assert main(["--concept", "circle", "--method", "esd", "--output", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def circle_reports(judge, esd_circle):
+    """Judge-measured circle rates of the base toy model and of the ESD-erased one (same prompts and seeds)."""
+    import pipelines
+    from eval.toy import concept_report
+
+    base = concept_report(pipelines.load("toy"), judge, "circle", images_per_prompt=4)
+    erased = concept_report(pipelines.apply(pipelines.load("toy"), esd_circle), judge, "circle", images_per_prompt=4)
+    return base, erased
+
+
+def pytest_report_header(config):
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run wherever CUDA is present and are skipped, with the reason, elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
