@@ -20,7 +20,7 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     concept: str = _f("circle", "concept to erase: a preset (circle, red, striped, nudity, 'van gogh', …) or free text")
-    method: str = _f("esd", "erasure method", choices=("esd",))
+    method: str = _f("esd", "erasure method (default: the best one present)", choices=("esd", "spm"))
     model: str | None = _f(None, "base model: 'toy', a local diffusers folder or a hub id (default: the preset's)")
     output: str | None = _f(None, "artifact path (.safetensors); default outputs/<concept>-<method>.safetensors")
     seed: int = _f(0, "random seed (training is deterministic on CPU for a given seed)")
@@ -52,7 +52,25 @@ class ESDConfig:
                           choices=("trained", "frozen"))
 
 
-METHOD_CONFIGS = {"esd": ESDConfig}
+@dataclass
+class SPMConfig:
+    """SPM (Lyu et al., CVPR 2024). Defaults: App. C.1 and Con6924/SPM configs/*.yaml unless noted."""
+
+    rank: int = _f(1, "membrane rank (paper: 1, a one-dimensional adapter)")
+    alpha: float = _f(1.0, "membrane alpha; scale = alpha / rank (SPM config: 1.0)")
+    eta: float = _f(1.0, "erasing guidance η (prompt YAML guidance_scale: 1.0; nudity 3.0)")
+    anchor_weight: float = _f(1000.0, "latent-anchoring weight λ (la_strength: 1e3; nudity 1e2)")
+    steps: int = _f(3000, "iterations (App. C.1: 3000; nudity 15K)")
+    lr: float = _f(1e-4, "learning rate, AdamW (App. C.1: 1e-4)")
+    batch_size: int = _f(1, "target prompts per step (SPM: 1)")
+    ddim_steps: int = _f(30, "DDIM steps of the partial sampling that makes x_t (max_denoising_steps: 30)")
+    start_guidance: float = _f(3.0, "CFG scale of that sampling (SPM: 3)")
+    anchor_samples: int = _f(2, "anchors per step besides the empty prompt (the code's effective count: 2)")
+    anchor_source: str = _f("random", "anchors: 'random' text-space directions (SPM code), the preset's anchor "
+                            "'prompts', or 'both'", choices=("random", "prompts", "both"))
+
+
+METHOD_CONFIGS = {"esd": ESDConfig, "spm": SPMConfig}
 
 # Toy-world values (measured on the toy world; see README "Toy world numbers").
 TOY_DEFAULTS = {

@@ -22,8 +22,7 @@ from typing import Sequence
 from adapters.errors import UserError
 from erasure.config import METHOD_CONFIGS, TrainConfig, resolve_method_config
 
-METHODS = {"esd": "erasure.methods.esd:ESD"}
-DEFAULT_METHOD = "esd"  # the best method present
+METHODS = {"esd": "erasure.methods.esd:ESD", "spm": "erasure.methods.spm:SPM"}
 
 
 def _method_class(name: str):
@@ -70,8 +69,6 @@ def resolve(argv: Sequence[str] | None = None):
     args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
     run_names = {f.name for f in fields(TrainConfig)}
     run = TrainConfig(**{k: v for k, v in args.items() if k in run_names})
-    if "method" not in args:
-        run.method = DEFAULT_METHOD
     method_names = {f.name for f in fields(METHOD_CONFIGS[run.method])}
     stray = [k for k in args if k not in run_names and k not in method_names]
     if stray:
@@ -123,9 +120,9 @@ def train(run: TrainConfig, concept, mcfg) -> dict:
     method = _method_class(run.method)(pipe, concept, mcfg, run)
     history = fit(method, steps=mcfg.steps, lr=mcfg.lr, output=output, seed=run.seed, accelerator=accelerator,
                   checkpoint_every=run.checkpoint_every, resume=run.resume, quiet=run.quiet)
-    meta = method.metadata(run.model)
+    tensors, meta, extra = method.artifact(run.model)
     meta["run"] = {k: v for k, v in asdict(run).items() if k not in ("dry_run", "quiet", "resume")}
-    save_artifact(output, method.delta(), meta)
+    save_artifact(output, tensors, meta, extra_strings=extra)
     remove_checkpoint(output)
     record = {"artifact": str(output), "seconds": round(time.time() - t0, 1), "final_loss": history[-1] if history else None,
               "config": asdict(run), "method_config": asdict(mcfg), "loss": history}

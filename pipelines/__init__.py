@@ -2,5 +2,6 @@
 
 from pipelines.apply import apply
 from pipelines.load import load
+from pipelines.membranes import attach_membranes
 
-__all__ = ["load", "apply"]
+__all__ = ["load", "apply", "attach_membranes"]

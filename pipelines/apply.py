@@ -2,7 +2,9 @@
 
 It reads the artifact's metadata and does the right thing for its kind:
 
-- ``weight_delta`` (ESD, SalUn): adds ``scale · Δθ`` to the named UNet weights (``scale=-1`` takes it off again).
+- ``weight_delta`` (ESD, SalUn): adds ``scale · Δθ`` to the named UNet weights (``scale=-1`` takes it off again);
+- ``membrane`` (SPM): attaches the membrane with facilitated transport on (``scale`` multiplies its γ); use
+  :func:`pipelines.attach_membranes` to stack several or to detach them again.
 
 Every artifact is validated against the pipeline first: a file made for another base model (missing weights,
 other shapes, another fingerprint) is refused with one clear line and the pipeline is left untouched.
@@ -32,7 +34,13 @@ def _apply_weight_delta(pipe, art: Artifact, scale: float) -> None:
             p.add_(delta.to(p.device, torch.float32).mul(scale).to(p.dtype))
 
 
-_APPLIERS = {"weight_delta": _apply_weight_delta}
+def _apply_membrane(pipe, art: Artifact, scale: float) -> None:
+    from pipelines.membranes import attach_membranes
+
+    attach_membranes(pipe, [art], transport=True, scales=[scale])
+
+
+_APPLIERS = {"weight_delta": _apply_weight_delta, "membrane": _apply_membrane}
 
 
 def apply(pipe, artifact: str | os.PathLike | Artifact, scale: float = 1.0):

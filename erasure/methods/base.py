@@ -20,11 +20,11 @@ from adapters.artifact import load_artifact, module_fingerprint, save_artifact
 from adapters.errors import UserError
 
 
-def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder hidden states (B, 77, D) for SD-style pipelines, no CFG doubling."""
-    with torch.no_grad():
-        emb, _ = pipe.encode_prompt(prompts, pipe.device, 1, False)
-    return emb
+def check_trainable_pipeline(pipe) -> None:
+    """Training calls the UNet with text conditioning only: SD 1.x / 2.x. SDXL's extra conditioning is not wired."""
+    if getattr(pipe.unet.config, "addition_embed_type", None):
+        raise UserError(f"training on {type(pipe).__name__} (SDXL-style added conditioning) is not supported yet; "
+                        "use an SD 1.x / 2.x model (SDXL artifacts can still be loaded and applied)")
 
 
 @contextmanager
@@ -64,6 +64,7 @@ class FineTuneMethod(ABC):
     name = "base"
 
     def __init__(self, pipe, concept, config, run):
+        check_trainable_pipeline(pipe)
         self.pipe, self.concept, self.config, self.run = pipe, concept, config, run
         self.unet = pipe.unet
         names = self.trainable_names()
@@ -91,8 +92,15 @@ class FineTuneMethod(ABC):
         """Context: the UNet with its original weights θ₀ (the frozen reference model)."""
         return swapped(self.unet, self.original)
 
+    def optimizer(self, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.params.values(), lr=lr)  # ESD / SalUn: Adam, no weight decay
+
     def delta(self) -> dict[str, torch.Tensor]:
         return {n: (p.detach() - self.original[n]).to(torch.float32) for n, p in self.params.items()}
+
+    def artifact(self, model_id: str) -> tuple[dict, dict, dict | None]:
+        """(tensors, metadata, extra header strings) of the artifact this run ships."""
+        return self.delta(), self.metadata(model_id), None
 
     def metadata(self, model_id: str) -> dict:
         return {
@@ -147,7 +155,7 @@ def fit(method: FineTuneMethod, *, steps: int, lr: float, output: Path, seed: in
     """Train ``method`` for ``steps`` Adam steps → loss history. Checkpoints next to ``output``; ``resume`` continues
     bit-identically on CPU (parameters, optimiser moments and the random state are all restored)."""
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(method.params.values(), lr=lr)  # ESD / SalUn use Adam without weight decay
+    opt = method.optimizer(lr)
     ckpt = _checkpoint_path(output)
     start, history = 0, []
     if resume and ckpt.exists():

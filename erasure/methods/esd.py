@@ -16,7 +16,8 @@ from contextlib import nullcontext
 
 import torch
 
-from erasure.methods.base import FineTuneMethod, encode_prompts, partial_ddim
+from erasure.methods.base import FineTuneMethod, partial_ddim
+from pipelines.membranes import encode
 
 _ESD_U_EXCLUDE = ("attn2", "time_embedding", "conv_out", "conv_norm_out")  # paper code: attn2, time_embed, out.
 
@@ -48,8 +49,8 @@ class ESD(FineTuneMethod):
         from diffusers import DDIMScheduler
 
         self.sampler = DDIMScheduler.from_config(pipe.scheduler.config)
-        self.prompt_embeds = encode_prompts(pipe, list(concept.prompts))  # (P, 77, D)
-        self.null_embed = encode_prompts(pipe, [concept.surrogate])  # (1, 77, D): "" → unconditional
+        self.prompt_embeds = encode(pipe, list(concept.prompts))  # (P, 77, D)
+        self.null_embed = encode(pipe, [concept.surrogate])  # (1, 77, D): "" → unconditional
 
     def trainable_names(self) -> list[str]:
         return select_parameters(self.unet, self.config.variant)

@@ -4,7 +4,8 @@ Stages (each writes its weights atomically, so an interrupted build resumes at t
 
 1. ``vae``   — AutoencoderKL on data images (L1 + small KL), then the latent scaling factor is measured.
 2. ``unet``  — CLIP text encoder and UNet trained jointly on VAE latents of captioned images (ε-prediction, SD's
-   noise schedule, 10 % caption dropout for classifier-free guidance, EMA).
+   noise schedule, 10 % caption dropout for classifier-free guidance, EMA); then ``refine``: the UNet alone, with
+   the text encoder frozen and every caption's conditioning computed once.
 3. ``judge`` — the multi-label judge on data images, their VAE reconstructions, and negatives.
 4. ``clip``  — a tiny open_clip CLIP trained contrastively on the captions.
 
@@ -39,11 +40,13 @@ class BuildConfig:
     seed: int = 0
     n_images: int = 60000  # diffusion training set (seeded procedural images)
     n_judge: int = 24000  # judge positives; negatives are 40 % more
-    vae_steps: int = 1200
+    vae_steps: int = 2500
     vae_batch: int = 32
     unet_steps: int = 1600
     unet_batch: int = 128
     unet_lr: float = 1e-3
+    refine_steps: int = 2000  # UNet-only steps with the text encoder frozen (stage 2b)
+    refine_lr: float = 5e-4
     judge_steps: int = 1200
     judge_batch: int = 128
     clip_steps: int = 1000
@@ -94,19 +97,20 @@ def _log(cfg, msg):
 def train_vae(cfg: BuildConfig, images: np.ndarray, out: Path):
     torch.manual_seed(cfg.seed)
     vae = models.make_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     steps = cfg.scaled("vae_steps")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(100, steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(50, steps))
     gen = torch.Generator().manual_seed(cfg.seed)
     x_all = _to_tensor(images)
     with _bar(cfg, steps, "vae") as bar:
         for step in range(steps):
             idx = torch.randint(len(x_all), (cfg.vae_batch,), generator=gen)
             x = x_all[idx]
-            post = vae.encode(x).latent_dist
-            rec = vae.decode(post.sample(generator=gen)).sample
-            kl = post.kl().mean() / (4 * models.LATENT_SIZE**2)
-            loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + 1e-5 * kl
+            # decode the posterior mean: sampling from the (initially unit-variance) posterior blurs colours for
+            # thousands of steps; a tiny L2 on the latents keeps them bounded instead of the KL term
+            z = vae.encode(x).latent_dist.mean
+            rec = vae.decode(z).sample
+            loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * z.pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -127,14 +131,9 @@ def train_vae(cfg: BuildConfig, images: np.ndarray, out: Path):
 
 
 @torch.no_grad()
-def encode_latents(vae, images: np.ndarray, batch: int = 512):
-    """Posterior mean and std of every image, (N, 4, 8, 8) each, unscaled."""
-    means, stds = [], []
-    for i in range(0, len(images), batch):
-        d = vae.encode(_to_tensor(images[i : i + batch])).latent_dist
-        means.append(d.mean)
-        stds.append(d.std)
-    return torch.cat(means), torch.cat(stds)
+def encode_latents(vae, images: np.ndarray, batch: int = 512) -> torch.Tensor:
+    """Posterior mean of every image, (N, 4, 8, 8), unscaled."""
+    return torch.cat([vae.encode(_to_tensor(images[i : i + batch])).latent_dist.mean for i in range(0, len(images), batch)])
 
 
 def _ema_update(ema, model, decay):
@@ -149,7 +148,7 @@ def train_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, tokenizer, out
     torch.manual_seed(cfg.seed + 1)
     unet, text_encoder = models.make_unet(), models.make_text_encoder()
     noise_sched = models.make_scheduler("ddpm")
-    mean, std = encode_latents(vae, images)
+    mean = encode_latents(vae, images)
     sf = vae.config.scaling_factor
     ids = tokenizer([s.caption for s in scenes], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
@@ -163,7 +162,7 @@ def train_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, tokenizer, out
     with _bar(cfg, steps, "unet+text") as bar:
         for step in range(steps):
             idx = torch.randint(len(mean), (cfg.unet_batch,), generator=gen)
-            z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * sf  # (B, 4, 8, 8)
+            z0 = mean[idx] * sf  # (B, 4, 8, 8); the VAE is used deterministically (posterior mean)
             tok = ids[idx].clone()
             drop = torch.rand(len(idx), generator=gen) < 0.1  # caption dropout → CFG
             tok[drop] = empty
@@ -192,6 +191,56 @@ def train_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, tokenizer, out
     vae.to(torch.float32)
     _log(cfg, f"unet: final loss {loss.item():.4f}")
     return {"unet_final_loss": round(loss.item(), 4)}
+
+
+def refine_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, out: Path) -> dict:
+    """Stage 2b: keep training the UNet with the text encoder frozen. Text conditioning of every distinct caption is
+    computed once, so a step costs the UNet alone (~1.5× faster than the joint stage)."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(cfg.seed + 4)
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", dtype=torch.float32, local_files_only=True,
+                                                   safety_checker=None)
+    unet, text_encoder = pipe.unet.train(), pipe.text_encoder.eval().requires_grad_(False)
+    captions = sorted({s.caption for s in scenes} | {""})
+    index = {c: i for i, c in enumerate(captions)}
+    with torch.no_grad():
+        ids = pipe.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        cond_all = torch.cat([text_encoder(ids[i : i + 512]).last_hidden_state for i in range(0, len(ids), 512)])
+    which = torch.tensor([index[s.caption] for s in scenes])
+    empty = index[""]
+    mean = encode_latents(vae, images) * vae.config.scaling_factor
+    alphas = models.make_scheduler("ddpm").alphas_cumprod
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.refine_lr, weight_decay=0.0)
+    steps = cfg.scaled("refine_steps")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(50, steps))
+    ema = deepcopy(unet).requires_grad_(False)
+    gen = torch.Generator().manual_seed(cfg.seed + 4)
+    with _bar(cfg, steps, "unet refine") as bar:
+        for step in range(steps):
+            idx = torch.randint(len(mean), (cfg.unet_batch,), generator=gen)
+            c = which[idx].clone()
+            c[torch.rand(len(idx), generator=gen) < 0.1] = empty  # caption dropout → CFG
+            t = torch.randint(0, 1000, (len(idx),), generator=gen)
+            eps = torch.randn(mean[idx].shape, generator=gen)
+            a = alphas[t].view(-1, 1, 1, 1)
+            loss = F.mse_loss(unet(a.sqrt() * mean[idx] + (1 - a).sqrt() * eps, t, cond_all[c]).sample, eps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            _ema_update(ema, unet, min(0.999, (1 + step) / (10 + step)))
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if bar.disable and not cfg.quiet and (step + 1) % 200 == 0:
+                _log(cfg, f"unet refine: step {step + 1}/{steps} loss {loss.item():.4f}")
+    pipe.unet = ema
+    pipe.to(torch.float16)
+    _save_model_atomic(pipe, out / "pipeline", safe_serialization=True)
+    (out / "pipeline" / "refined.json").write_text(json.dumps({"refine_steps": steps}))
+    _log(cfg, f"unet refine: final loss {loss.item():.4f}")
+    return {"refine_final_loss": round(loss.item(), 4)}
 
 
 def _multi_hot(labels: dict) -> np.ndarray:
@@ -337,6 +386,10 @@ def build(cfg: BuildConfig) -> dict:
     if not (out / "pipeline" / "unet" / "config.json").exists():
         report.update(train_unet(cfg, vae, images, scenes, clip_tokenizer(), out))
     report["unet_s"] = round(time.time() - t, 1)
+    t = time.time()
+    if not (out / "pipeline" / "refined.json").exists():
+        report.update(refine_unet(cfg, vae, images, scenes, out))
+    report["refine_s"] = round(time.time() - t, 1)
     t = time.time()
     if not (out / "judge" / "judge.safetensors").exists():
         train_judge(cfg, vae, out)

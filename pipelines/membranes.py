@@ -1,0 +1,140 @@
+"""Attach SPM membrane files to any loaded Stable Diffusion (XL) pipeline, optionally gated by facilitated transport.
+
+    handle = attach_membranes(pipe, ["circle.safetensors", "red.safetensors"])   # transport on
+    image = pipe("a red circle").images[0]
+    handle.detach()                                                               # the original pipeline again
+
+Files use the kohya / SD-WebUI keys of the original SPM release (``lora_unet_<path>.lora_down.weight``, ...), so
+membranes made by the original code load here (with a warning when they lack this toolkit's metadata), and ours load
+in plain diffusers with ``pipe.load_lora_weights(path)``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from adapters import membrane
+from adapters.artifact import Artifact, load_artifact
+from adapters.errors import UserError
+from adapters.transport import MembraneConcept, Transport
+
+
+def encode(pipe, prompts: list[str]) -> torch.Tensor:
+    """The UNet's text conditioning for ``prompts`` (B, 77, D), for SD and SDXL pipelines."""
+    with torch.no_grad():
+        return pipe.encode_prompt(prompts, device=pipe.device, num_images_per_prompt=1,
+                                  do_classifier_free_guidance=False)[0]
+
+
+def _groups(art: Artifact) -> dict[str, dict[str, torch.Tensor]]:
+    """kohya prefix → {"lora_down.weight", "lora_up.weight", "alpha"}."""
+    out: dict[str, dict] = {}
+    for key, t in art.tensors.items():
+        for part in ("lora_down.weight", "lora_up.weight", "alpha"):
+            if key.endswith("." + part):
+                out.setdefault(key[: -len(part) - 1], {})[part] = t
+                break
+        else:
+            raise UserError(f"{art.path}: unexpected tensor '{key}' in a membrane file")
+    for prefix, parts in out.items():
+        if not {"lora_down.weight", "lora_up.weight"} <= parts.keys():
+            raise UserError(f"{art.path}: layer '{prefix}' lacks lora_down or lora_up")
+    return out
+
+
+def _prompts(art: Artifact) -> list[str]:
+    if art.metadata.get("prompts"):
+        return list(art.metadata["prompts"])
+    raw = art.raw_metadata.get("prompts", "")  # the original release: comma-joined
+    return [p.strip() for p in raw.split(",") if p.strip()]
+
+
+def _check_layer(art: Artifact, prefix: str, base, down: torch.Tensor, up: torch.Tensor) -> None:
+    conv = isinstance(base, torch.nn.Conv2d)
+    want_in = base.in_channels if conv else base.in_features
+    want_out = base.out_channels if conv else base.out_features
+    if down.shape[1] != want_in or up.shape[0] != want_out or up.shape[1] != down.shape[0] or (down.ndim == 4) != conv:
+        raise UserError(f"{art.path}: made for another base model: layer '{prefix}' is {tuple(up.shape[:1])}×"
+                        f"{tuple(down.shape[1:2])} in the file, {want_out}×{want_in} here")
+
+
+def load_membrane(unet, art: Artifact, name: str) -> list[str]:
+    """Validate ``art`` against ``unet`` and attach it as membrane ``name`` → the layer paths it covers."""
+    paths = membrane.kohya_to_paths(unet)
+    targets = membrane.target_layers(unet)
+    groups = _groups(art)
+    expected = art.metadata.get("base_model", {}).get("fingerprint") if art.metadata else None
+    if expected and expected != membrane.layers_fingerprint(unet):
+        raise UserError(f"{art.path}: made for another base model (fingerprint {expected}, this model "
+                        f"{membrane.layers_fingerprint(unet)})")
+    for prefix, parts in groups.items():
+        if prefix not in paths:
+            raise UserError(f"{art.path}: made for another base model: this UNet has no layer '{prefix}'")
+        _check_layer(art, prefix, targets[paths[prefix]], parts["lora_down.weight"], parts["lora_up.weight"])
+    for prefix, parts in groups.items():
+        rank = parts["lora_down.weight"].shape[0]
+        alpha = float(parts.get("alpha", torch.tensor(float(rank))))  # kohya: no alpha means alpha = rank
+        branch = membrane.attach(unet, name, rank=rank, alpha=alpha, layers=[paths[prefix]])[paths[prefix]]
+        with torch.no_grad():
+            branch.lora_down.weight.copy_(parts["lora_down.weight"])
+            branch.lora_up.weight.copy_(parts["lora_up.weight"])
+    return [paths[p] for p in groups]
+
+
+@dataclass
+class AttachedMembranes:
+    """Membranes attached to a pipeline; ``detach()`` restores the original modules."""
+
+    pipe: object
+    names: list[str]
+    transport: Transport | None = None
+    prompts: dict[str, list[str]] = field(default_factory=dict)
+
+    def detach(self) -> None:
+        if self.transport is not None:
+            self.transport.remove()
+        for n in self.names:
+            membrane.detach(self.pipe.unet, n)
+
+
+def _unique_name(unet, stem: str) -> str:
+    taken, name, k = set(membrane.membrane_names(unet)), stem, 1
+    while name in taken:
+        k += 1
+        name = f"{stem}_{k}"
+    return name
+
+
+def attach_membranes(pipe, files: Sequence[str | os.PathLike | Artifact], *, transport: bool = True,
+                     scales: Sequence[float] | None = None) -> AttachedMembranes:
+    """Attach membrane files to ``pipe.unet``. With ``transport`` each membrane's γ is set per prompt from the text
+    similarity to its concept (facilitated transport); without, γ is fixed at ``scales`` (default 1 each)."""
+    scales = list(scales) if scales is not None else [1.0] * len(files)
+    if len(scales) != len(files):
+        raise UserError(f"{len(files)} membrane files but {len(scales)} scales")
+    names, prompts = [], {}
+    arts = [f if isinstance(f, Artifact) else load_artifact(f, kind="membrane", allow_missing_metadata=True) for f in files]
+    for art in arts:
+        if not art.metadata:
+            warnings.warn(f"{art.path}: no concept-erasure metadata (an original SPM file?); loaded by its shapes")
+        name = _unique_name(pipe.unet, art.path.stem.replace(".", "_"))
+        load_membrane(pipe.unet, art, name)
+        names.append(name)
+        prompts[name] = _prompts(art)
+    handle = AttachedMembranes(pipe, names, prompts=prompts)
+    if transport:
+        tok = pipe.tokenizer
+        special = set(tok.all_special_ids)
+        concepts = [MembraneConcept(n, encode(pipe, prompts[n] or [""]).flatten(1),
+                                    [set(tok(p).input_ids) - special for p in prompts[n]], s)
+                    for n, s in zip(names, scales)]
+        encoders = [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
+        handle.transport = Transport(concepts, special).install(encoders, pipe.unet)
+    else:
+        membrane.set_gates(pipe.unet, dict(zip(names, scales)))
+    return handle

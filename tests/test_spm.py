@@ -1,0 +1,130 @@
+"""SPM: losses as the paper's equations, the membrane file readable everywhere (ours, plain diffusers, the original
+release's format), validation against the base model, and facilitated transport per prompt."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import pipelines
+from adapters import membrane
+from adapters.artifact import load_artifact, save_artifact
+from adapters.errors import UserError
+from erasure.methods.spm import anchor_loss, erase_loss, random_anchors
+from erasure.train import main
+from pipelines.membranes import encode
+from pipelines.testing import save_tiny, tiny_sd_pipeline, tiny_sdxl_pipeline
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd1")
+    save_tiny(tiny_sd_pipeline("sd1"), folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def membrane_file(sd_folder, tmp_path_factory):
+    """A membrane trained for 3 steps by the CLI, with lora_up randomised so that its effect is visible."""
+    out = tmp_path_factory.mktemp("spm") / "dog.safetensors"
+    assert main(["--concept", "a dog", "--model", sd_folder, "--method", "spm", "--steps", "3", "--ddim-steps", "3",
+                 "--output", str(out), "--quiet"]) == 0
+    art = load_artifact(out)
+    g = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(v.shape, generator=g) * 0.1 if "lora_up" in k else v for k, v in art.tensors.items()}
+    extra = {k: art.raw_metadata[k] for k in ("prompts", "rank", "alpha")}
+    visible = out.with_name("dog-visible.safetensors")
+    save_artifact(visible, tensors, art.metadata, extra_strings=extra)
+    return out, visible
+
+
+def _image(pipe, prompt="a dog", seed=0):
+    return pipe([prompt], num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(seed)).images
+
+
+def test_losses_are_the_equations():
+    g = torch.Generator().manual_seed(0)
+    s, t, u = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    assert torch.allclose(erase_loss(s, t, u, 3.0), ((s - (u - 3.0 * (t - u))) ** 2).mean(dim=(1, 2, 3)))
+    assert torch.allclose(anchor_loss(s, t), ((s - t) ** 2).mean(dim=(1, 2, 3)))
+    target = torch.randn(77, 32, generator=g)
+    a = random_anchors(target, 64, g)
+    ratio = a.flatten(1).norm(dim=1) / target.norm()
+    assert a.shape == (64, 77, 32) and ratio.min() >= 0.8 - 1e-5 and ratio.max() <= 1.2 + 1e-5
+
+
+def test_artifact_is_kohya_keyed_with_our_metadata_and_the_originals_strings(membrane_file):
+    art = load_artifact(membrane_file[0])
+    assert art.kind == "membrane" and art.metadata["layers"] == 192 and len(art.tensors) == 3 * 192
+    assert all(k.startswith("lora_unet_") for k in art.tensors)
+    assert art.raw_metadata["prompts"] == "a dog" and art.raw_metadata["rank"] == "1"
+    cfg = art.metadata["config"]
+    assert (cfg["rank"], cfg["eta"], cfg["anchor_weight"]) == (1, 1.0, 1000.0)
+    record = json.loads(membrane_file[0].with_suffix(".json").read_text())
+    assert len(record["loss"]) == 3
+
+
+def test_plain_diffusers_loads_our_file_completely_and_agrees(sd_folder, membrane_file):
+    ours = pipelines.load(sd_folder)
+    pipelines.attach_membranes(ours, [membrane_file[1]], transport=False)
+    theirs = pipelines.load(sd_folder)
+    theirs.load_lora_weights(str(membrane_file[1]))
+    loaded = sum(1 for m in theirs.unet.modules() if getattr(m, "lora_A", None))
+    assert loaded == 192, "every membrane layer (proj, attention, feed-forward) is loaded"
+    base = _image(pipelines.load(sd_folder))
+    a, b = _image(ours), _image(theirs)
+    assert abs(a - base).max() > 1e-2
+    assert abs(a - b).max() <= 1e-4
+
+
+def test_original_release_files_load_with_a_warning(sd_folder, membrane_file, tmp_path):
+    from safetensors.torch import save_file
+
+    art = load_artifact(membrane_file[1])
+    original = tmp_path / "original.safetensors"
+    save_file(art.tensors, str(original), metadata={"prompts": "a dog", "rank": "1", "alpha": "1.0"})
+    pipe = pipelines.load(sd_folder)
+    with pytest.warns(UserWarning, match="no concept-erasure metadata"):
+        handle = pipelines.attach_membranes(pipe, [original], transport=False)
+    assert handle.prompts[handle.names[0]] == ["a dog"]
+    ref = pipelines.load(sd_folder)
+    pipelines.attach_membranes(ref, [membrane_file[1]], transport=False)
+    assert abs(_image(pipe) - _image(ref)).max() < 1e-6
+
+
+def test_membrane_for_another_base_model_is_refused(membrane_file):
+    pipe = tiny_sdxl_pipeline()
+    with pytest.raises(UserError, match="another base model"):
+        pipelines.attach_membranes(pipe, [membrane_file[0]])
+    assert not membrane.membrane_layers(pipe.unet), "nothing attached"
+
+
+def test_apply_attaches_and_detach_restores(sd_folder, membrane_file):
+    base = _image(pipelines.load(sd_folder))
+    pipe = pipelines.load(sd_folder)
+    handle = pipelines.attach_membranes(pipe, [membrane_file[1]], transport=False)
+    assert abs(_image(pipe) - base).max() > 1e-2
+    handle.detach()
+    assert abs(_image(pipe) - base).max() < 1e-6
+    applied = pipelines.apply(pipelines.load(sd_folder), membrane_file[1])
+    assert membrane.membrane_names(applied.unet) == ["dog-visible"]
+
+
+def test_transport_gives_each_row_its_own_gate(sd_folder, membrane_file):
+    pipe = pipelines.load(sd_folder)
+    handle = pipelines.attach_membranes(pipe, [membrane_file[1], membrane_file[1]], scales=[1.0, 0.5])
+    emb = encode(pipe, ["a dog", "a completely different prompt", ""])
+    gates = handle.transport.gates_for(emb)
+    a, b = gates[handle.names[0]], gates[handle.names[1]]
+    assert a.shape == (3,) and a[0] == pytest.approx(1.0) and (a <= 1).all() and (a >= 0).all()
+    assert torch.allclose(b, 0.5 * a)
+    # under CFG the UNet sees [negative; positive] rows: each row gets its own γ, computed once per call
+    seen = []
+    hook = pipe.unet.register_forward_hook(lambda m, a, k: seen.append(
+        {n: layer.gates[n].clone() for layer in list(membrane.membrane_layers(m).values())[:1] for n in layer.gates}))
+    pipe(["a dog", "a cat"], num_inference_steps=2, output_type="np")
+    hook.remove()
+    assert len(seen) == 2 and all(g[handle.names[0]].shape == (4,) for g in seen)
+    assert torch.equal(seen[0][handle.names[0]], seen[1][handle.names[0]])
+    handle.detach()

@@ -1,0 +1,88 @@
+"""The embedded toy world: committed weights, an ordinary SD pipeline, a judge that can say "nothing", and the
+quality bars of DESIGN §4 measured by the judge on generated images."""
+
+import json
+
+import numpy as np
+import pytest
+
+import pipelines
+from erasure import toyworld
+from erasure.toyworld import data
+from erasure.toyworld.paths import WEIGHTS_DIR
+
+
+def test_committed_weights_are_safetensors_within_budget():
+    files = [p for p in WEIGHTS_DIR.rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    assert sum(p.stat().st_size for p in weights) <= 30 * 2**20
+
+
+def test_toy_is_an_ordinary_stable_diffusion_pipeline():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = pipelines.load("toy")
+    assert type(pipe) is StableDiffusionPipeline and isinstance(pipe.scheduler, DDIMScheduler)
+    assert len(pipe.tokenizer) == 49408 and pipe.tokenizer.model_max_length == 77
+    assert pipe.unet.dtype.is_floating_point and str(pipe.unet.dtype) == "torch.float32"
+    assert {"CrossAttnDownBlock2D"} <= {type(b).__name__ for b in pipe.unet.down_blocks}
+    images = pipe(["a red circle"], num_inference_steps=4, output_type="np").images
+    assert images.shape == (1, data.SIZE, data.SIZE, 3)
+
+
+def test_judge_says_nothing_on_noise_and_blank_images(judge):
+    rng = np.random.default_rng(7)
+    noise = rng.integers(0, 256, (200, data.SIZE, data.SIZE, 3), dtype=np.uint8)
+    blank = np.stack([np.full((data.SIZE, data.SIZE, 3), data.BACKGROUNDS[i % len(data.BACKGROUNDS)], np.uint8)
+                      for i in range(100)])
+    for images in (noise, blank):
+        seen = judge.classify(images)
+        assert np.mean([not s.shapes for s in seen]) >= 0.95
+
+
+def test_judge_accuracy_on_held_out_data_images(judge):
+    rng = np.random.default_rng(12345)  # a seed the judge never trained on
+    scenes = [data.sample_scene(rng) for _ in range(1000)]
+    seen = judge.classify(np.stack([data.render(s, rng) for s in scenes]))
+    truth = [data.labels_of(s) for s in scenes]
+    exact = np.mean([set(s.shapes) == t["shapes"] and set(s.colours) == t["colours"] and set(s.fills) == t["fills"]
+                     for s, t in zip(seen, truth)])
+    shapes = np.mean([set(s.shapes) == t["shapes"] for s, t in zip(seen, truth)])
+    assert shapes >= 0.99 and exact >= 0.99, (shapes, exact)
+
+
+def test_prompt_sets():
+    sets = toyworld.prompts("circle")
+    assert set(sets) == {"target", "alias", "other", "pair"}
+    assert any(p.text == "a sun" for p in sets["alias"])
+    assert any(p.colour == "green" for p in sets["target"]), "held-out circle colour is evaluated"
+    assert all("circle" not in p.shapes for p in sets["other"])
+    assert all("circle" in p.shapes and len(p.shapes) == 2 for p in sets["pair"])
+    assert toyworld.prompts("red")["target"] and toyworld.prompts("striped")["target"]
+
+
+@pytest.mark.slow
+def test_base_world_meets_the_quality_bars(judge, tmp_path):
+    from eval.toy import base_quality
+
+    q = base_quality(pipelines.load("toy"), judge, images_per_prompt=1)
+    (tmp_path / "quality.json").write_text(json.dumps(q))
+    assert q["single"]["shape"]["rate"] >= 0.95
+    assert q["single"]["colour"]["rate"] >= 0.95
+    assert q["single"]["fill"]["rate"] >= 0.90
+    assert q["alias"]["shape"]["rate"] >= 0.90
+    assert q["pair"]["both"]["rate"] >= 0.80
+
+
+def test_build_runs_end_to_end_at_smoke_scale(tmp_path):
+    from erasure.toyworld.build import BuildConfig, build
+
+    report = build(BuildConfig(output=str(tmp_path), scale=0.002, quiet=True))
+    assert {"vae_psnr_db", "unet_final_loss", "clip_final_loss"} <= report.keys()
+    pipe = pipelines.load(tmp_path / "pipeline")
+    assert pipe(["a circle"], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+    judge = toyworld.load_judge(tmp_path / "judge" / "judge.safetensors")
+    assert len(judge.classify(np.zeros((2, 32, 32, 3), np.uint8))) == 2
+    model, tokenize = toyworld.load_clip(tmp_path / "clip" / "clip.safetensors")
+    assert model.encode_text(tokenize(["a circle"])).shape[-1] == 64
