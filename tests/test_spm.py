@@ -72,10 +72,14 @@ def test_plain_diffusers_loads_our_file_completely_and_agrees(sd_folder, membran
     theirs.load_lora_weights(str(membrane_file[1]))
     loaded = sum(1 for m in theirs.unet.modules() if getattr(m, "lora_A", None))
     assert loaded == 192, "every membrane layer (proj, attention, feed-forward) is loaded"
-    base = _image(pipelines.load(sd_folder))
-    a, b = _image(ours), _image(theirs)
-    assert abs(a - base).max() > 1e-2
-    assert abs(a - b).max() <= 1e-4
+    g = torch.Generator().manual_seed(0)
+    z, ehs, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([500, 900])
+    with torch.no_grad():
+        base = pipelines.load(sd_folder).unet(z, t, ehs).sample
+        a, b = ours.unet(z, t, ehs).sample, theirs.unet(z, t, ehs).sample
+    assert (a - base).abs().max() > 1e-2
+    # the same noise predictions (a random tiny VAE amplifies 1e-6 differences in images, so compare ε here)
+    assert (a - b).abs().max() <= 1e-5
 
 
 def test_original_release_files_load_with_a_warning(sd_folder, membrane_file, tmp_path):

@@ -45,7 +45,7 @@ class BuildConfig:
     unet_steps: int = 1600
     unet_batch: int = 128
     unet_lr: float = 1e-3
-    refine_steps: int = 2000  # UNet-only steps with the text encoder frozen (stage 2b)
+    refine_steps: int = 800  # UNet-only steps with the text encoder frozen (stage 2b)
     refine_lr: float = 5e-4
     judge_steps: int = 1200
     judge_batch: int = 128
@@ -69,6 +69,18 @@ def _lr_lambda(warmup: int, total: int):
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     return f
+
+
+def _optimise(opt, sched, loss: torch.Tensor, bar, clip_params=None) -> None:
+    """One optimiser step (with optional grad clipping to norm 1) and a progress update."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    opt.step()
+    sched.step()
+    bar.update()
+    bar.set_postfix(loss=f"{loss.item():.4f}")
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -111,13 +123,7 @@ def train_vae(cfg: BuildConfig, images: np.ndarray, out: Path):
             z = vae.encode(x).latent_dist.mean
             rec = vae.decode(z).sample
             loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * z.pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            _optimise(opt, sched, loss, bar, vae.parameters())
     vae.eval()
     with torch.no_grad():
         z = torch.cat([vae.encode(x_all[i : i + 512]).latent_dist.mean for i in range(0, min(len(x_all), 4096), 512)])
@@ -172,16 +178,10 @@ def train_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, tokenizer, out
             zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
             cond = text_encoder(tok).last_hidden_state  # (B, 77, 64)
             loss = F.mse_loss(unet(zt, t, cond).sample, eps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
+            _optimise(opt, sched, loss, bar, params)
             decay = min(0.999, (1 + step) / (10 + step))
             _ema_update(ema_unet, unet, decay)
             _ema_update(ema_text, text_encoder, decay)
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet, scheduler=models.make_scheduler("ddim"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -225,14 +225,8 @@ def refine_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, out: Path) ->
             eps = torch.randn(mean[idx].shape, generator=gen)
             a = alphas[t].view(-1, 1, 1, 1)
             loss = F.mse_loss(unet(a.sqrt() * mean[idx] + (1 - a).sqrt() * eps, t, cond_all[c]).sample, eps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            _optimise(opt, sched, loss, bar, unet.parameters())
             _ema_update(ema, unet, min(0.999, (1 + step) / (10 + step)))
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
             if bar.disable and not cfg.quiet and (step + 1) % 200 == 0:
                 _log(cfg, f"unet refine: step {step + 1}/{steps} loss {loss.item():.4f}")
     pipe.unet = ema
@@ -306,12 +300,7 @@ def train_judge(cfg: BuildConfig, vae, out: Path):
             img = torch.where(use_rec.view(-1, 1, 1, 1), recon[idx], clean[idx]).float() / 255
             img = img + torch.randn(img.shape, generator=gen) * 0.03 * torch.rand(len(idx), 1, 1, 1, generator=gen)
             loss = F.binary_cross_entropy_with_logits(judge(img.clamp(0, 1)), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            _optimise(opt, sched, loss, bar)
     judge.eval()
     (out / "judge").mkdir(parents=True, exist_ok=True)
     _save_tensors_atomic({k: v.half() for k, v in judge.state_dict().items()}, out / "judge" / "judge.safetensors", save_file)
@@ -349,12 +338,7 @@ def train_clip(cfg: BuildConfig, images: np.ndarray, scenes, out: Path):
             same = (ids[idx][:, None, :] == ids[idx][None, :, :]).all(-1).float()
             target = same / same.sum(1, keepdim=True)
             loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            _optimise(opt, sched, loss, bar)
     (out / "clip").mkdir(parents=True, exist_ok=True)
     _save_tensors_atomic({k: v.half() for k, v in model.state_dict().items()}, out / "clip" / "clip.safetensors", save_file)
     return {"clip_final_loss": round(loss.item(), 4)}
