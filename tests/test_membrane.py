@@ -64,15 +64,17 @@ def test_merge_equals_unmerged_and_unmerge_restores(unet):
     base = _out(unet, x)
     weights = {k: v.clone() for k, v in unet.state_dict().items()}
     membrane.attach(unet, "m")
-    _randomise(unet, "m")
-    membrane.set_gates(unet, {"m": 0.7})
-    unmerged = _out(unet, x)
-    assert (unmerged - base).abs().max() > 1e-3, "the membrane changes the output"
-    membrane.merge(unet)
-    assert torch.allclose(_out(unet, x), unmerged, atol=1e-5)
-    membrane.unmerge(unet)
-    assert torch.allclose(_out(unet, x), unmerged, atol=1e-5)
-    membrane.detach(unet)
+    try:
+        _randomise(unet, "m")
+        membrane.set_gates(unet, {"m": 0.7})
+        unmerged = _out(unet, x)
+        assert (unmerged - base).abs().max() > 1e-2, "the membrane changes the output"
+        membrane.merge(unet)
+        assert torch.allclose(_out(unet, x), unmerged, atol=1e-4)  # fp32 summation order differs with threads
+        membrane.unmerge(unet)
+        assert torch.allclose(_out(unet, x), unmerged, atol=1e-4)
+    finally:
+        membrane.detach(unet)
     assert unet.state_dict().keys() == weights.keys(), "detach restores the original module tree"
     for k, v in unet.state_dict().items():
         assert torch.allclose(v, weights[k], atol=1e-6), k
