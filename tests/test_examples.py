@@ -1,0 +1,22 @@
+"""Every example script runs (at a small budget) and reports what it claims to."""
+
+import importlib.util
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_erase_circle_esd_example(tmp_path):
+    out = tmp_path / "circle-esd.safetensors"
+    rates = _load("erase_circle_esd").run(steps=2, output=out, images_per_prompt=1)
+    assert out.exists() and out.with_suffix(".json").exists()
+    assert {"target", "alias", "other", "pair_other"} <= rates.keys()
+    assert all(0.0 <= v <= 1.0 for r in rates.values() for v in r.values())
+    assert rates["target"]["base"] >= 0.5, "the base model draws circles"
