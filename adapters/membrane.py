@@ -83,19 +83,42 @@ class MembraneLayer(nn.Module):
 
     def remove(self, name: str) -> None:
         if name in self.merged:
-            self.unmerge(name)
+            self.unmerge([name])
         del self.membranes[name]
         self.gates.pop(name, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        active = []
         for name, branch in self.membranes.items():
             gate = self.gates.get(name, 1.0)
-            if name in self.merged or (not isinstance(gate, torch.Tensor) and gate == 0):
-                continue
+            if name not in self.merged and (isinstance(gate, torch.Tensor) or gate != 0):
+                active.append((branch, gate))
+        if len(active) == 1:
+            branch, gate = active[0]
             d = branch(x)
-            y = y + _broadcast_gate(gate, d) * d
+            return y + _broadcast_gate(gate, d) * d
+        if active:
+            return y + self._stacked(x, active)
         return y
+
+    def _stacked(self, x: torch.Tensor, active) -> torch.Tensor:
+        """Σ_c γ_c s_c U_c D_c x for several membranes in two matmuls: the D_c stacked into one (Σr × in) map, the
+        U_c into one (out × Σr) map, each row of the bottleneck scaled by its γ (per sample) and s."""
+        n = x.shape[0]
+        cols = []
+        for branch, gate in active:
+            g = gate.to(x.device, x.dtype) if isinstance(gate, torch.Tensor) else x.new_full((n,), float(gate))
+            cols.append((g * branch.scale).view(-1, 1).expand(n, branch.rank))
+        scale = torch.cat(cols, 1)  # (B, Σr)
+        down = torch.cat([b.lora_down.weight for b, _ in active], 0)
+        up = torch.cat([b.lora_up.weight for b, _ in active], 1)
+        if down.ndim == 4:  # conv: (B, Σr, H, W)
+            first = active[0][0].lora_down
+            h = F.conv2d(x, down, None, first.stride, first.padding, first.dilation)
+            return F.conv2d(h * scale[:, :, None, None], up)
+        h = F.linear(x, down)  # (B, …, Σr)
+        return F.linear(h * scale.view(n, *([1] * (h.ndim - 2)), -1), up)
 
     @torch.no_grad()
     def merge(self, names: Iterable[str] | None = None) -> None:
@@ -192,6 +215,14 @@ def membrane_names(unet: nn.Module) -> list[str]:
 def merge(unet: nn.Module, names: Iterable[str] | None = None) -> None:
     for layer in membrane_layers(unet).values():
         layer.merge([n for n in names if n in layer.membranes] if names is not None else None)
+
+
+def merge_and_unload(unet: nn.Module) -> None:
+    """Fold every membrane (at its current scalar γ) into the weights and remove the wrappers: the UNet is an
+    ordinary one again, as fast as the base model; there is no unmerge after this (peft's ``merge_and_unload``)."""
+    for path, layer in membrane_layers(unet).items():
+        layer.merge()
+        _set_submodule(unet, path, layer.base_layer)
 
 
 def unmerge(unet: nn.Module, names: Iterable[str] | None = None) -> None:

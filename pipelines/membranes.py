@@ -22,13 +22,7 @@ from adapters import membrane
 from adapters.artifact import Artifact, load_artifact
 from adapters.errors import UserError
 from adapters.transport import MembraneConcept, Transport
-
-
-def encode(pipe, prompts: list[str]) -> torch.Tensor:
-    """The UNet's text conditioning for ``prompts`` (B, 77, D), for SD and SDXL pipelines."""
-    with torch.no_grad():
-        return pipe.encode_prompt(prompts, device=pipe.device, num_images_per_prompt=1,
-                                  do_classifier_free_guidance=False)[0]
+from pipelines.text import encode
 
 
 def _groups(art: Artifact) -> dict[str, dict[str, torch.Tensor]]:

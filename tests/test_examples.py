@@ -20,3 +20,11 @@ def test_erase_circle_esd_example(tmp_path):
     assert {"target", "alias", "other", "pair_other"} <= rates.keys()
     assert all(0.0 <= v <= 1.0 for r in rates.values() for v in r.values())
     assert rates["target"]["base"] >= 0.5, "the base model draws circles"
+
+
+def test_membrane_in_plain_diffusers_example(tmp_path):
+    out = tmp_path / "circle-spm.safetensors"
+    report = _load("membrane_in_plain_diffusers").run(steps=2, output=out)
+    assert out.exists()
+    assert set(report) == {"base", "membrane"} and report["base"].keys() == report["membrane"].keys()
+    assert "circle" in report["base"]["a red circle"], "the base toy model draws the circle it is asked for"

@@ -121,6 +121,57 @@ def test_two_membranes_stack_and_detach_one(unet):
     assert not membrane.membrane_layers(unet)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_stacked_membranes_compute_the_sum_of_their_branches(kind):
+    """Several active membranes run fused (two matmuls); the result is Σ_c γ_c s_c U_c D_c x, per-sample γ too."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10) if kind == "linear" else nn.Conv2d(12, 10, 1)
+    layer = membrane.MembraneLayer(base)
+    x = torch.randn(3, 5, 12) if kind == "linear" else torch.randn(3, 12, 4, 4)
+    gates = {"a": 1.0, "b": torch.tensor([0.0, 0.5, 1.0]), "c": 0.3}
+    for i, name in enumerate(gates):
+        branch = layer.add(name, rank=1 + i, alpha=2.0)
+        nn.init.normal_(branch.lora_up.weight)
+        layer.gates[name] = gates[name]
+    expected = base(x)
+    for name, branch in layer.membranes.items():
+        d = branch(x)
+        expected = expected + membrane._broadcast_gate(gates[name], d) * d
+    out = layer(x)
+    assert torch.allclose(out, expected, atol=1e-5)
+    out.sum().backward()
+    assert all(b.lora_up.weight.grad is not None and b.lora_down.weight.grad is not None for b in layer.membranes.values())
+
+
+def test_detaching_a_merged_membrane_takes_it_out_of_the_weights(unet):
+    x = _inputs(unet)
+    base = _out(unet, x)
+    membrane.attach(unet, "merged_one")
+    _randomise(unet, "merged_one")
+    membrane.merge(unet)
+    assert not torch.allclose(_out(unet, x), base)
+    membrane.detach(unet)
+    assert not membrane.membrane_layers(unet)
+    assert torch.allclose(_out(unet, x), base, atol=1e-5)
+
+
+def test_merge_and_unload_leaves_an_ordinary_unet_with_the_membrane_in_its_weights(unet):
+    x = _inputs(unet)
+    original = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    membrane.attach(unet, "baked")
+    _randomise(unet, "baked")
+    with_membrane = _out(unet, x)
+    membrane.merge_and_unload(unet)
+    try:
+        assert not membrane.membrane_layers(unet)
+        assert {n for n, _ in unet.named_parameters()} == set(original)
+        assert torch.allclose(_out(unet, x), with_membrane, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            for n, p in unet.named_parameters():
+                p.copy_(original[n])
+
+
 def test_bf16(unet):
     u = tiny_sd_pipeline("sd1").unet.to(torch.bfloat16)
     x = _inputs(u)

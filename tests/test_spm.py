@@ -2,7 +2,6 @@
 release's format), validation against the base model, and facilitated transport per prompt."""
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from adapters.artifact import load_artifact, save_artifact
 from adapters.errors import UserError
 from erasure.methods.spm import anchor_loss, erase_loss, random_anchors
 from erasure.train import main
-from pipelines.membranes import encode
+from pipelines.text import encode
 from pipelines.testing import save_tiny, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 
@@ -132,3 +131,34 @@ def test_transport_gives_each_row_its_own_gate(sd_folder, membrane_file):
     assert len(seen) == 2 and all(g[handle.names[0]].shape == (4,) for g in seen)
     assert torch.equal(seen[0][handle.names[0]], seen[1][handle.names[0]])
     handle.detach()
+
+
+def test_plain_diffusers_gives_the_toy_images_our_loader_gives(tmp_path):
+    """Issue bar: images from ``load_lora_weights`` and from ``attach_membranes`` agree to 1e-4 on the toy world."""
+    from diffusers import StableDiffusionPipeline
+
+    from erasure.toyworld.paths import WEIGHTS_DIR
+
+    out = tmp_path / "circle.safetensors"
+    assert main(["--concept", "circle", "--model", "toy", "--method", "spm", "--steps", "1", "--ddim-steps", "2",
+                 "--output", str(out), "--quiet", "--checkpoint-every", "0"]) == 0
+    art = load_artifact(out)
+    g = torch.Generator().manual_seed(1)
+    tensors = {k: torch.randn(v.shape, generator=g) * 0.05 if "lora_up" in k else v for k, v in art.tensors.items()}
+    visible = tmp_path / "circle-visible.safetensors"
+    save_artifact(visible, tensors, art.metadata, extra_strings={k: art.raw_metadata[k] for k in ("prompts", "rank", "alpha")})
+
+    ours = pipelines.load("toy")
+    pipelines.attach_membranes(ours, [visible], transport=False)
+    theirs = StableDiffusionPipeline.from_pretrained(WEIGHTS_DIR / "pipeline", dtype=torch.float32, safety_checker=None)
+    theirs.load_lora_weights(str(visible))
+    assert sum(1 for m in theirs.unet.modules() if getattr(m, "lora_A", None)) == art.metadata["layers"]
+    prompts = ["a red circle", "a sun", "a green square and a blue star"]
+
+    def images(pipe):
+        latents = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        return pipe(prompts, num_inference_steps=10, latents=latents, output_type="np").images
+
+    a, b, base = images(ours), images(theirs), images(pipelines.load("toy"))
+    assert abs(a - base).max() > 0.05, "the membrane changes the images"
+    assert abs(a - b).max() <= 1e-4

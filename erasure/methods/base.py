@@ -103,15 +103,21 @@ class FineTuneMethod(ABC):
         return self.delta(), self.metadata(model_id), None
 
     def metadata(self, model_id: str) -> dict:
-        return {
-            "kind": "weight_delta",
-            "method": self.name,
-            "config": asdict(self.config),
-            "concept": self.concept.name,
-            "prompts": list(self.concept.prompts),
-            "base_model": {"id": model_id, "fingerprint": module_fingerprint(self.unet, list(self.params))},
-            "target": "unet",
-        }
+        return run_metadata(self, "weight_delta", model_id, module_fingerprint(self.unet, list(self.params)),
+                            target="unet")
+
+
+def run_metadata(method, kind: str, model_id: str, fingerprint: str, **extra) -> dict:
+    """The metadata every trained artifact carries (DESIGN §3 rule 3): what was erased, how, and from which model."""
+    return {
+        "kind": kind,
+        "method": method.name,
+        "config": asdict(method.config),
+        "concept": method.concept.name,
+        "prompts": list(method.concept.prompts),
+        "base_model": {"id": model_id, "fingerprint": fingerprint},
+        **extra,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------

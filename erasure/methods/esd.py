@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import torch
 
 from erasure.methods.base import FineTuneMethod, partial_ddim
-from pipelines.membranes import encode
+from pipelines.text import encode
 
 _ESD_U_EXCLUDE = ("attn2", "time_embedding", "conv_out", "conv_norm_out")  # paper code: attn2, time_embed, out.
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from adapters import membrane
-from erasure.methods.base import check_trainable_pipeline, partial_ddim
-from pipelines.membranes import encode
+from erasure.methods.base import check_trainable_pipeline, partial_ddim, run_metadata
+from pipelines.text import encode
 
 MEMBRANE = "spm"  # the name of the membrane being trained on the UNet's layers
 
@@ -105,15 +105,9 @@ class SPM:
 
     def artifact(self, model_id: str) -> tuple[dict, dict, dict]:
         """Kohya-keyed membrane tensors, our metadata, and the original release's three header strings."""
-        from dataclasses import asdict
-
         tensors = membrane.state_dict(self.unet, MEMBRANE)
         paths = [k[: -len(".alpha")] for k in tensors if k.endswith(".alpha")]
-        meta = {
-            "kind": "membrane", "method": self.name, "config": asdict(self.config), "concept": self.concept.name,
-            "prompts": list(self.concept.prompts), "surrogate": self.concept.surrogate,
-            "base_model": {"id": model_id, "fingerprint": membrane.layers_fingerprint(self.unet)},
-            "layers": len(paths),
-        }
+        meta = run_metadata(self, "membrane", model_id, membrane.layers_fingerprint(self.unet),
+                            surrogate=self.concept.surrogate, layers=len(paths))
         extra = {"prompts": ",".join(self.concept.prompts), "rank": str(self.config.rank), "alpha": str(self.config.alpha)}
         return tensors, meta, extra

@@ -1,0 +1,307 @@
+"""Membrane speed and memory, measured side by side in one run: ``python -m eval.bench``.
+
+Every number is a ratio against the plain model measured in the same process, in interleaved rounds (each round
+times every configuration once; the median over rounds is reported), so machine load affects them alike:
+
+- ``forward``: UNet forward time with 1 membrane, with 8 membranes gated per prompt (facilitated transport gives every
+  batch row its own γ), and with the membrane merged into the weights — each divided by the bare UNet's time;
+- ``train_step``: one SPM training step (forward, backward, AdamW) with a rank-1 membrane divided by the same step with
+  a plain peft LoRA of the same rank on the same layers;
+- ``memory``: peak memory of a training step vs an inference step, each in a fresh process (RSS on CPU, sampled
+  every millisecond; allocated memory on CUDA), in total and as the increase over the loaded model.
+
+Models: ``toy`` (the toy world's UNet, 8×8 latents) and ``sd1`` (a randomly initialised SD-1.x-shaped UNet, 860 M
+parameters, 64×64 latents). Prints JSON; ``--output`` also writes it to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from adapters import membrane
+
+TARGETS = {"forward_1": 1.05, "forward_8_transport": 1.15, "forward_merged": 1.00, "train_step_vs_peft": 1.2}
+
+
+def make_unet(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """→ (unet, latent side, text width)."""
+    from diffusers import UNet2DConditionModel
+
+    if model == "toy":
+        import pipelines
+
+        unet = pipelines.load("toy", dtype=dtype, device=device).unet
+    elif model == "sd1":
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
+    else:
+        raise ValueError(f"unknown bench model {model!r}: use toy or sd1")
+    unet = unet.to(device, dtype).eval().requires_grad_(False)
+    return unet, unet.config.sample_size, unet.config.cross_attention_dim
+
+
+def inputs(unet, side: int, width: int, batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    p = next(unet.parameters())
+    x = torch.randn(batch, unet.config.in_channels, side, side, generator=g).to(p.device, p.dtype)
+    ehs = torch.randn(batch, 77, width, generator=g).to(p.device, p.dtype)
+    t = torch.full((batch,), 500, device=p.device)
+    return x, t, ehs
+
+
+def attach_random(unet, names: Sequence[str], seed: int = 0) -> None:
+    """Attach membranes with non-zero (seeded) up-projections, so they do real work."""
+    g = torch.Generator().manual_seed(seed)
+    for name in names:
+        for branch in membrane.attach(unet, name).values():
+            w = branch.lora_up.weight
+            w.data.copy_((torch.randn(w.shape, generator=g) * 0.01).to(w.dtype))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], object], device: str, iters: int) -> float:
+    fn()  # warm-up (allocator, caches)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t) / iters
+
+
+def interleaved(configs: dict[str, tuple[Callable[[], None], Callable[[], object]]], device: str, rounds: int,
+                iters: int) -> dict[str, float]:
+    """Median seconds per call of each config; ``configs[name] = (set_up, call)``; set_up runs before each timing."""
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for _ in range(rounds):
+        for name, (set_up, call) in configs.items():
+            set_up()
+            times[name].append(_time(call, device, iters))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_forward(model: str, device: str, batch: int, rounds: int, iters: int) -> dict:
+    unet, side, width = make_unet(model, device)
+    x, t, ehs = inputs(unet, side, width, batch)
+    names8 = [f"m{i}" for i in range(8)]
+    gates = {n: torch.rand(batch, generator=torch.Generator().manual_seed(i)) for i, n in enumerate(names8)}
+
+    def bare():
+        membrane.detach(unet)
+
+    def one():
+        bare()
+        attach_random(unet, ["m0"])
+
+    def eight():
+        bare()
+        attach_random(unet, names8)
+        membrane.set_gates(unet, gates)  # per-row γ, as transport sets them
+
+    def merged():  # merged for deployment: folded into the weights, wrappers removed
+        bare()
+        attach_random(unet, ["m0"])
+        membrane.merge_and_unload(unet)
+
+    def merged_kept():  # merged but still wrapped (so it can be unmerged)
+        one()
+        membrane.merge(unet)
+
+    @torch.no_grad()
+    def call():
+        return unet(x, t, ehs).sample
+
+    configs = {"none": (bare, call), "1": (one, call), "8_transport": (eight, call), "merged": (merged, call),
+               "merged_kept": (merged_kept, call)}
+    sec = interleaved(configs, device, rounds, iters)
+    membrane.detach(unet)
+    return {
+        "seconds": {k: round(v, 5) for k, v in sec.items()},
+        "ratio": {f"forward_{k}": round(sec[k] / sec["none"], 3) for k in ("1", "8_transport", "merged", "merged_kept")},
+    }
+
+
+def _peft_copy(unet):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    paths = list(membrane.target_layers(unet))
+    lora = copy.deepcopy(unet)
+    inject_adapter_in_model(LoraConfig(r=1, lora_alpha=1, target_modules=paths, init_lora_weights=True), lora)
+    return lora
+
+
+def bench_train_step(model: str, device: str, batch: int, rounds: int, iters: int) -> dict:
+    unet, side, width = make_unet(model, device)
+    x, t, ehs = inputs(unet, side, width, batch)
+    target = torch.randn_like(x)
+    lora = _peft_copy(unet)
+    membrane.attach(unet, "m")
+
+    def trainer(net):
+        params = [p for n, p in net.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def step():
+            loss = torch.nn.functional.mse_loss(net(x, t, ehs).sample, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return sum(p.numel() for p in params), step
+
+    n_ours, ours = trainer(unet)
+    n_peft, peft = trainer(lora)
+    sec = interleaved({"membrane": (lambda: None, ours), "peft_lora": (lambda: None, peft)}, device, rounds, iters)
+    return {
+        "seconds": {k: round(v, 5) for k, v in sec.items()},
+        "trainable_parameters": {"membrane": n_ours, "peft_lora": n_peft},
+        "ratio": {"train_step_vs_peft": round(sec["membrane"] / sec["peft_lora"], 3)},
+    }
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _RSSPeak:
+    """Highest resident set size seen while the block runs (sampled every millisecond on a thread)."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self._stop = _rss(), threading.Event()
+
+        def watch():
+            while not self._stop.wait(0.001):
+                self.peak = max(self.peak, _rss())
+
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _step_memory(model: str, device: str, batch: int, mode: str) -> tuple[int, int]:
+    """Run one inference or training step in this process → (memory before it, peak during it), bytes: RSS on
+    CPU, allocated memory on CUDA. The difference is what the step itself needs."""
+    unet, side, width = make_unet(model, device)
+    x, t, ehs = inputs(unet, side, width, batch)
+    branches = membrane.attach(unet, "m")
+    params = [p for b in branches.values() for p in b.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        if mode == "train":
+            for p in params:
+                p.requires_grad_(True)
+            unet(x, t, ehs).sample.float().pow(2).mean().backward()
+            opt.step()
+        else:
+            with torch.no_grad():
+                unet(x, t, ehs)
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return before, torch.cuda.max_memory_allocated()
+    before = _rss()
+    with _RSSPeak() as watch:
+        step()
+    return before, watch.peak
+
+
+def bench_memory(model: str, device: str, batch: int) -> dict:
+    """Each mode in a fresh process, so one peak does not hide the other."""
+    before, peak = {}, {}
+    for mode in ("inference", "train"):
+        cmd = [sys.executable, "-m", "eval.bench", "--peak-memory", mode, "--models", model, "--device", device,
+               "--batch", str(batch)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
+        before[mode], peak[mode] = (int(v) for v in out.stdout.strip().splitlines()[-1].split())
+    step = {k: peak[k] - before[k] for k in peak}
+    kind = "cuda_allocated" if device.startswith("cuda") else "rss"
+    return {
+        f"{kind}_peak_mib": {k: round(v / 2**20, 1) for k, v in peak.items()},
+        f"{kind}_step_increase_mib": {k: round(v / 2**20, 1) for k, v in step.items()},
+        "ratio": {"train_vs_inference_peak": round(peak["train"] / peak["inference"], 3),
+                  "train_vs_inference_step": round(step["train"] / max(1, step["inference"]), 3)},
+    }
+
+
+def run(models: Sequence[str], device: str = "cpu", batch: int = 2, rounds: int = 5, iters: int = 3,
+        memory: bool = True) -> dict:
+    report = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": batch,
+              "rounds": rounds, "targets": TARGETS, "models": {}}
+    for model in models:
+        scale = 1 if model == "sd1" else 4  # the toy UNet is fast: more calls per timing
+        r = {"forward": bench_forward(model, device, batch, rounds, iters * scale),
+             "train_step": bench_train_step(model, device, batch, rounds, iters * scale)}
+        if memory:
+            r["memory"] = bench_memory(model, device, batch)
+        report["models"][model] = r
+    return report
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="toy,sd1", help="comma-separated: toy, sd1")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iters", type=int, default=3, help="calls per timing (×4 on the toy UNet)")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--output", help="also write the JSON report here")
+    p.add_argument("--peak-memory", choices=("inference", "train"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in ("toy", "sd1")]
+    if bad or not models:
+        print(f"error: unknown bench model(s) {bad or args.models!r}: use toy and/or sd1", file=sys.stderr)
+        return 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available here", file=sys.stderr)
+        return 2
+    if args.peak_memory:
+        print(*_step_memory(models[0], args.device, args.batch, args.peak_memory))
+        return 0
+    report = run(models, args.device, args.batch, args.rounds, args.iters, memory=not args.no_memory)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        _write_atomic(args.output, text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""``python -m eval.bench``: ratios measured side by side, on the toy UNet (the SD-1.x-shaped one is too big for the
+suite; the README reports its numbers)."""
+
+import json
+
+import pytest
+
+from eval import bench
+
+
+@pytest.fixture(scope="module")
+def report():
+    return bench.run(["toy"], rounds=1, iters=1, memory=True)
+
+
+def test_bench_reports_every_ratio(report):
+    toy = report["models"]["toy"]
+    assert set(toy["forward"]["ratio"]) == {"forward_1", "forward_8_transport", "forward_merged", "forward_merged_kept"}
+    ratios = [*toy["forward"]["ratio"].values(), toy["train_step"]["ratio"]["train_step_vs_peft"]]
+    assert all(isinstance(v, float) and v > 0 for v in ratios)  # no timing thresholds in unit tests (house rule)
+    assert report["targets"]["forward_1"] == 1.05
+
+
+def test_peft_baseline_trains_the_same_layers_at_the_same_rank(report):
+    n = report["models"]["toy"]["train_step"]["trainable_parameters"]
+    assert n["membrane"] == n["peft_lora"] > 0
+
+
+def test_training_needs_more_memory_than_inference(report):
+    mem = report["models"]["toy"]["memory"]
+    assert mem["rss_step_increase_mib"]["train"] > mem["rss_step_increase_mib"]["inference"] >= 0
+
+
+def test_cli_rejects_unknown_models(capsys):
+    assert bench.main(["--models", "sd9"]) == 2
+    assert "unknown bench model" in capsys.readouterr().err
+
+
+def test_cli_writes_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "run", lambda *a, **k: {"models": {}})
+    out = tmp_path / "bench.json"
+    assert bench.main(["--models", "toy", "--output", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"models": {}}
