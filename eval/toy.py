@@ -10,6 +10,7 @@ import json
 import sys
 from typing import Sequence
 
+from erasure.toyworld.models import GUIDANCE
 from eval.generate import generate
 from eval.metrics import ConceptRate
 
@@ -28,7 +29,7 @@ def _rate(pairs) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in m.compute().items()}
 
 
-def base_quality(pipe, judge, *, images_per_prompt: int = 2, seed: int = 0, steps: int = 25, guidance: float = 7.5,
+def base_quality(pipe, judge, *, images_per_prompt: int = 2, seed: int = 0, steps: int = 25, guidance: float = GUIDANCE,
                  batch_size: int = 128) -> dict:
     """Judge-measured quality of a toy pipeline on every shape × colour × fill, aliases, pairs, held-out pairs."""
     from erasure.toyworld import base_prompts
@@ -51,7 +52,7 @@ def base_quality(pipe, judge, *, images_per_prompt: int = 2, seed: int = 0, step
 
 
 def concept_report(pipe, judge, concept: str, *, images_per_prompt: int = 2, seed: int = 0, steps: int = 25,
-                   guidance: float = 7.5, batch_size: int = 128) -> dict:
+                   guidance: float = GUIDANCE, batch_size: int = 128) -> dict:
     """Rates for one toy concept: on its own prompts, its aliases, other prompts, and two-object prompts.
 
     - ``target`` / ``alias``: fraction of images where the judge sees the concept (lower is better after erasure);
@@ -84,6 +85,65 @@ def concept_report(pipe, judge, concept: str, *, images_per_prompt: int = 2, see
     return report
 
 
+def rest_prompts(concepts: Sequence[str], seed: int = 0):
+    """Single-object prompts (every shape × colour × fill) that name none of ``concepts``: what must keep working."""
+    from erasure.toyworld import base_prompts
+
+    return [p for p in base_prompts(seed)["single"] if not {p.shapes[0], p.colour, p.fill} & set(concepts)]
+
+
+def _quality(expected, seen) -> dict:
+    return {
+        "shape": _rate([(p.shapes[0] in s.shapes, not s.shapes) for p, s in zip(expected, seen)]),
+        "colour": _rate([(p.colour in s.colours, not s.shapes) for p, s in zip(expected, seen)]),
+        "fill": _rate([(p.fill in s.fills, not s.shapes) for p, s in zip(expected, seen)]),
+    }
+
+
+def attach_all(pipe, artifacts: Sequence[str]) -> None:
+    """Membranes go on together (one facilitated-transport gate per membrane and prompt); other kinds one by one."""
+    import pipelines
+    from adapters.artifact import load_artifact
+
+    arts = [load_artifact(a) for a in artifacts]
+    membranes = [a for a in arts if a.kind == "membrane"]
+    if membranes:
+        pipelines.attach_membranes(pipe, membranes, transport=True)
+    for a in arts:
+        if a.kind != "membrane":
+            pipelines.apply(pipe, a)
+
+
+def erasure_report(model: str, artifacts: Sequence[str], concepts: Sequence[str], judge=None, *,
+                   images_per_prompt: int = 1, seed: int = 0, steps: int = 25, guidance: float = GUIDANCE,
+                   batch_size: int = 128) -> dict:
+    """Before and after: each concept's rates (target, alias, pair) on the base model and with ``artifacts`` applied,
+    and the prompts that name none of the concepts (``rest``) — their shape / colour / fill rates, the ratio to the
+    base, and how far their images moved (mean absolute pixel difference, 0–1 scale, same seeds)."""
+    import numpy as np
+
+    import pipelines
+    from erasure.toyworld import load_judge
+
+    judge = judge or load_judge()
+    kw = dict(images_per_prompt=images_per_prompt, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size)
+    rest = rest_prompts(concepts, seed)
+    pipes = {"base": pipelines.load(model), "erased": pipelines.load(model)}
+    attach_all(pipes["erased"], artifacts)
+    report = {"concepts": {c: {} for c in concepts}, "rest": {"n_prompts": len(rest)}}
+    images = {}
+    for which, pipe in pipes.items():
+        for c in concepts:
+            report["concepts"][c][which] = concept_report(pipe, judge, c, **kw)
+        exp, seen, images[which] = _judge_set(pipe, judge, rest, **kw)
+        report["rest"][which] = _quality(exp, seen)
+    report["rest"]["ratio"] = {k: round(report["rest"]["erased"][k]["rate"] / max(report["rest"]["base"][k]["rate"], 1e-9), 4)
+                               for k in ("shape", "colour", "fill")}
+    diff = np.abs(images["erased"].astype(np.float32) - images["base"].astype(np.float32)) / 255
+    report["rest"]["mean_abs_pixel_diff"] = round(float(diff.mean()), 4)
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import pipelines
     from adapters.errors import UserError
@@ -93,20 +153,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default="toy")
     p.add_argument("--artifact", action="append", default=[], help="artifact(s) to apply first (repeatable)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--concept", help="a toy concept: shape, colour or fill")
+    g.add_argument("--concept", action="append", help="a toy concept: shape, colour or fill (repeatable with --compare)")
     g.add_argument("--base", action="store_true", help="measure the base world's quality")
+    p.add_argument("--compare", action="store_true",
+                   help="before/after report: the concepts' rates on the base model and with the artifacts, and how "
+                        "the prompts that name none of them fare (rates, pixel difference)")
     p.add_argument("--images-per-prompt", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=GUIDANCE, help="CFG scale (default: the toy world's, %(default)s)")
     args = p.parse_args(argv)
     try:
-        pipe = pipelines.load(args.model)
-        for path in args.artifact:
-            pipelines.apply(pipe, path)
         judge = load_judge()
         kw = dict(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
-        report = base_quality(pipe, judge, **kw) if args.base else concept_report(pipe, judge, args.concept, **kw)
+        if args.compare:
+            if not args.concept:
+                raise UserError("--compare needs --concept (one per erased concept)")
+            report = erasure_report(args.model, args.artifact, args.concept, judge, **kw)
+        else:
+            if args.concept and len(args.concept) > 1:
+                raise UserError("several --concept values need --compare")
+            pipe = pipelines.load(args.model)
+            attach_all(pipe, args.artifact)
+            report = base_quality(pipe, judge, **kw) if args.base else concept_report(pipe, judge, args.concept[0], **kw)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

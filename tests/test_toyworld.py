@@ -47,8 +47,9 @@ def test_judge_accuracy_on_held_out_data_images(judge):
     seen = judge.classify(np.stack([data.render(s, rng) for s in scenes]))
     truth = [data.labels_of(s) for s in scenes]
     acc = {k: np.mean([set(getattr(s, k)) == t[k] for s, t in zip(seen, truth)]) for k in ("shapes", "colours", "fills")}
-    # exact set match per image; measured: shapes 0.997, colours 1.000, fills 0.988 (misses: small pair objects)
-    assert acc["shapes"] >= 0.99 and acc["colours"] >= 0.99 and acc["fills"] >= 0.98, acc
+    # exact set match per image (the issue's bar is 99 %); measured on 2000 images: shapes 1.000, colours 1.000,
+    # fills 0.994 (the misses: fills of two-object scenes)
+    assert acc["shapes"] >= 0.99 and acc["colours"] >= 0.99 and acc["fills"] >= 0.99, acc
 
 
 def test_prompt_sets():
@@ -69,15 +70,16 @@ def quality(judge):
 
 
 def test_base_world_quality_does_not_regress(quality):
-    """Regression guard at the committed world's measured level (shape 0.78, colour 0.88, fill 0.72, alias 0.79;
-    n = 177 / 47 images). The acceptance bars are the strict xfail test below."""
+    """Regression guard at the committed world's measured level (CFG 5: shape 0.966, colour 0.989, fill 0.73,
+    alias 0.979, pairs 0.906; n = 177 / 177 / 177 / 47 / 32). The acceptance bars are the test below."""
     q = quality
-    assert q["single"]["shape"]["rate"] >= 0.70 and q["single"]["colour"]["rate"] >= 0.80
-    assert q["single"]["fill"]["rate"] >= 0.62 and q["alias"]["shape"]["rate"] >= 0.70
+    assert q["single"]["shape"]["rate"] >= 0.92 and q["single"]["colour"]["rate"] >= 0.95
+    assert q["single"]["fill"]["rate"] >= 0.65 and q["alias"]["shape"]["rate"] >= 0.92
+    assert q["pair"]["both"]["rate"] >= 0.84
 
 
-@pytest.mark.xfail(strict=True, reason="the committed toy world is below DESIGN §4's bars (measured: shape 0.78, "
-                   "colour 0.88, fill 0.72, alias 0.79, pairs 0.12); its UNet needs more training (issue 3)")
+@pytest.mark.xfail(strict=True, reason="fill is below DESIGN §4's bar (measured 0.73 vs 0.90: striped and dotted "
+                   "get mixed up); shape, colour, alias and pairs meet theirs (issue 3)")
 def test_base_world_meets_the_quality_bars(quality, tmp_path):
     q = quality
     (tmp_path / "quality.json").write_text(json.dumps(q))
@@ -93,9 +95,25 @@ def test_build_runs_end_to_end_at_smoke_scale(tmp_path):
 
     report = build(BuildConfig(output=str(tmp_path), scale=0.002, quiet=True))
     assert {"vae_psnr_db", "unet_final_loss", "clip_final_loss"} <= report.keys()
+    assert {"data", "vae", "unet", "refine", "judge", "clip"} <= report["stages_s"].keys()
     pipe = pipelines.load(tmp_path / "pipeline")
     assert pipe(["a circle"], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
     judge = toyworld.load_judge(tmp_path / "judge" / "judge.safetensors")
     assert len(judge.classify(np.zeros((2, 32, 32, 3), np.uint8))) == 2
     model, tokenize = toyworld.load_clip(tmp_path / "clip" / "clip.safetensors")
     assert model.encode_text(tokenize(["a circle"])).shape[-1] == 64
+
+
+def test_min_snr_weighting_is_the_formula():
+    import torch
+
+    from erasure.toyworld.build import diffusion_loss
+
+    g = torch.Generator().manual_seed(0)
+    pred, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    alpha_bar = torch.tensor([0.999, 0.5, 0.01])  # SNR 999 (clipped to 5), 1, ~0.01
+    snr = alpha_bar / (1 - alpha_bar)
+    per_sample = (pred - eps).pow(2).mean(dim=(1, 2, 3))
+    expected = (torch.minimum(snr, torch.tensor(5.0)) / snr * per_sample).mean()
+    assert torch.allclose(diffusion_loss(pred, eps, alpha_bar), expected)
+    assert torch.allclose(diffusion_loss(pred[1:2], eps[1:2], alpha_bar[1:2]), per_sample[1])  # SNR ≤ γ: plain MSE

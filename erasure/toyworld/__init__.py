@@ -12,6 +12,7 @@ See ``data.py`` for the world itself and ``build.py`` for how the committed weig
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -90,6 +91,7 @@ def _load_state(path, what: str):
 
     from adapters.errors import UserError
 
+    path = Path(path)
     if not path.exists():
         raise UserError(f"toy-world {what} weights are missing ({path}); rebuild them with python -m erasure.toyworld.build")
     return {k: v.float() for k, v in load_file(str(path)).items()}

@@ -245,8 +245,10 @@ def _background(rng: np.random.Generator):
 
 
 def _single_obj(shape, colour, fill, rng) -> Obj:
-    r = rng.uniform(9.0, 13.0)
-    cx, cy = rng.uniform(r + 1.5, SIZE - r - 1.5, size=2)
+    """A large object near the centre (radius 10–12.5 px, centre within ±2 px): the toy world spends its capacity on
+    what an object is, not where it is."""
+    r = rng.uniform(10.0, 12.5)
+    cx, cy = SIZE / 2 + rng.uniform(-2.0, 2.0, size=2)
     return Obj(shape, colour, fill, float(cx), float(cy), float(r))
 
 
@@ -275,9 +277,9 @@ def pair_objects(s1, c1, f1, s2, c2, f2, rng) -> list[Obj]:
     """Two objects side by side: the first named is on the left."""
     objs = []
     for k, (s, c, f) in enumerate(((s1, c1, f1), (s2, c2, f2))):
-        r = rng.uniform(6.0, 7.2)
-        cx = (8.0 if k == 0 else 24.0) + rng.uniform(-0.8, 0.8)
-        cy = rng.uniform(r + 1.5, SIZE - r - 1.5)
+        r = rng.uniform(7.0, 7.8)  # as large as two objects side by side allow
+        cx = (8.2 if k == 0 else 23.8) + rng.uniform(-0.2, 0.2)
+        cy = SIZE / 2 + rng.uniform(-3.0, 3.0)
         objs.append(Obj(s, c, f, float(cx), float(cy), float(r)))
     return objs
 
@@ -301,9 +303,9 @@ def sample_pair(rng: np.random.Generator) -> Scene:
 
 def sample_scene(rng: np.random.Generator) -> Scene:
     u = rng.random()
-    if u < 0.55:
+    if u < 0.5:
         return sample_single(rng)
-    if u < 0.75:
+    if u < 0.7:
         return sample_alias(rng)
     return sample_pair(rng)
 
