@@ -197,3 +197,15 @@ def check_fits(art: Artifact, module: torch.nn.Module, names: Iterable[str] | No
         if here != expected:
             raise UserError(f"{art.path}: made for another base model (fingerprint {expected}, this model {here})")
 
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file (a run record, a report) through a temp sibling and a rename: never half-written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None

@@ -131,9 +131,9 @@ def train(run: TrainConfig, concept, mcfg) -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    from adapters.artifact import write_text_atomic
+
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

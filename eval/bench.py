@@ -266,13 +266,6 @@ def run(models: Sequence[str], device: str = "cpu", batch: int = 2, rounds: int 
     return report
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.bench", description=__doc__.split("\n")[0])
     p.add_argument("--models", default="toy,sd1", help="comma-separated: toy, sd1")
@@ -299,7 +292,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
-        _write_atomic(args.output, text + "\n")
+        from adapters.artifact import write_text_atomic
+        from adapters.errors import UserError
+
+        try:
+            write_text_atomic(args.output, text + "\n")
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

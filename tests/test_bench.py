@@ -41,3 +41,11 @@ def test_cli_writes_json(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     assert bench.main(["--models", "toy", "--output", str(out)]) == 0
     assert json.loads(out.read_text()) == {"models": {}}
+
+
+def test_cli_unwritable_output_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "run", lambda *a, **k: {"models": {}})
+    out = tmp_path / "missing-folder" / "bench.json"
+    assert bench.main(["--models", "toy", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot write") and "\n" not in err and not out.parent.exists()
