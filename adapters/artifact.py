@@ -5,7 +5,8 @@ Artifacts are ``.safetensors`` only — never pickle — so loading one can neve
 
 =================  =====================================================================================
 ``kind``           what the tensors are: ``weight_delta`` (ESD, SalUn: θ − θ₀ of the changed weights),
-                   ``membrane`` (SPM), ``saliency_mask`` (SalUn masks), ``checkpoint`` (resumable training)
+                   ``membrane`` (SPM), ``saliency_mask`` (SalUn masks), ``checkpoint`` (resumable training),
+                   ``data_cache`` (generated training latents)
 ``format_version`` integer; files newer than this package are refused
 ``method``         ``esd``, ``spm``, ``salun``, …, with its ``config`` (the run's resolved dataclass)
 ``concept``        the preset name and its ``prompts``
@@ -32,7 +33,7 @@ import torch
 from adapters.errors import UserError
 
 FORMAT_VERSION = 1
-KINDS = ("weight_delta", "membrane", "saliency_mask", "checkpoint")
+KINDS = ("weight_delta", "membrane", "saliency_mask", "checkpoint", "data_cache")
 META_KEY = "erasure"
 MAX_HEADER_BYTES = 100 * 2**20  # a safetensors header larger than this is refused unread
 MAX_METADATA_BYTES = 1 * 2**20
@@ -108,6 +109,7 @@ def save_artifact(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], 
         raise UserError(f"cannot write {path}: {e.strerror or e} — choose a writable --output") from None
     try:
         save_file(clean, tmp, metadata=header)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; an artifact is an ordinary file
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
@@ -116,6 +118,12 @@ def save_artifact(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], 
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _check_container(path: Path) -> None:

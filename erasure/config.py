@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
+from adapters.errors import UserError
+
 
 def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -20,13 +22,17 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     concept: str = _f("circle", "concept to erase: a preset (circle, red, striped, nudity, 'van gogh', …) or free text")
-    method: str = _f("esd", "erasure method (default: the best one present)", choices=("esd", "spm"))
+    method: str = _f("salun", "erasure method (default: the best one measured on the toy world, README)",
+                     choices=("esd", "spm", "salun", "sfd"))
+    prompts: str | None = _f(None, "training prompts separated by '|' (default: the concept preset's prompts)")
     model: str | None = _f(None, "base model: 'toy', a local diffusers folder or a hub id (default: the preset's)")
     output: str | None = _f(None, "artifact path (.safetensors); default outputs/<concept>-<method>.safetensors")
     seed: int = _f(0, "random seed (training is deterministic on CPU for a given seed)")
     steps: int | None = _f(None, "training steps (default: the method's)")
     lr: float | None = _f(None, "learning rate (default: the method's)")
     batch_size: int | None = _f(None, "prompts per step (default: the method's)")
+    mask: str | None = _f(None, "saliency mask (.safetensors, e.g. from a salun run) confining fine-tuning (esd, salun) "
+                          "to its weights; salun computes one when absent")
     mixed_precision: str = _f("no", "accelerate mixed precision", choices=("no", "fp16", "bf16"))
     device: str | None = _f(None, "device (default: CUDA when available, else CPU)")
     attention: str = _f("sdpa", "attention backend", choices=("sdpa", "xformers"))
@@ -40,8 +46,9 @@ class TrainConfig:
 class ESDConfig:
     """ESD (Gandikota et al., 2023). Defaults: paper / train-esd.py at 8725451 unless noted."""
 
-    variant: str = _f("esd-x", "parameters trained: esd-x (cross-attention), esd-u (all but cross-attention), "
-                      "full, selfattn", choices=("esd-x", "esd-u", "full", "selfattn"))
+    variant: str = _f("esd-x", "parameters trained: esd-x (cross-attention), esd-x-strict (its to_k/to_v), esd-u "
+                      "(all but cross-attention), full, selfattn",
+                      choices=("esd-x", "esd-x-strict", "esd-u", "full", "selfattn"))
     eta: float = _f(1.0, "negative guidance η (paper: 1.0)")
     steps: int = _f(1000, "iterations (paper: 1000)")
     lr: float = _f(1e-5, "learning rate, Adam (paper: 1e-5)")
@@ -70,11 +77,66 @@ class SPMConfig:
                             "'prompts', or 'both'", choices=("random", "prompts", "both"))
 
 
-METHOD_CONFIGS = {"esd": ESDConfig, "spm": SPMConfig}
+@dataclass
+class SalUnConfig:
+    """SalUn (Fan et al., ICLR 2024). Defaults: OPTML-Group/Unlearn-Saliency SD/train-scripts/nsfw_removal.py and
+    generate_mask.py unless noted."""
+
+    variant: str = _f("full", "parameters trained (--train_method): full UNet or xattn (attn2 only)",
+                      choices=("full", "xattn"))
+    alpha: float = _f(0.1, "weight α of the retain diffusion loss (nsfw_removal.py: 0.1; Imagenette README: 0.5)")
+    steps: int = _f(100, "iterations (800 forget images, batch 8, 1 epoch)")
+    lr: float = _f(1e-5, "learning rate, Adam, no weight decay (nsfw_removal.py: 1e-5)")
+    batch_size: int = _f(8, "forget and retain examples per step (8)")
+    mask_fraction: float = _f(0.5, "fraction of weights the saliency mask keeps (threshold_list [0.5]); 1.0 = no mask")
+    mask_per_layer: bool = _f(False, "threshold each parameter tensor separately instead of one global cut")
+    mask_guidance: float = _f(7.5, "w of the mask loss's (1 + w)·ε(c) − w·ε(∅) (generate_mask.py c_guidance 7.5)")
+    mask_batches: int = _f(0, "batches of forget examples the mask's gradient sums (0: one pass over the forget set)")
+    forget_images: int = _f(800, "forget examples (SD: generations of the forget prompt; SalUn issue #3: 800)")
+    retain_images: int = _f(800, "retain examples (SD: generations of the substitute and anchors; issue #3: 800)")
+    forget_prompt: str = _f("", "forget prompt (default: the preset's prompts; nudity: 'a photo of a nude person')")
+    substitute: str = _f("", "substitute prompt c' (default: the preset's; nudity: 'a photo of a person wearing "
+                         "clothes')")
+    sample_steps: int = _f(50, "DDIM steps when generating forget / retain images on SD")
+    sample_guidance: float = _f(7.5, "CFG scale when generating forget / retain images on SD")
+
+
+@dataclass
+class SFDConfig:
+    """Score Forgetting Distillation (Chen et al., ICLR 2025). Defaults: tqch/score-forgetting-distillation
+    SD/run_sfd.sh (SD 1.5) unless noted."""
+
+    steps: int = _f(12500, "iterations (README evaluates kimg 100 at batch 8: 12.5K)")
+    lr: float = _f(1e-6, "generator learning rate, Adam β (0, 0.999) (run_sfd.sh: 1e-6)")
+    lr_fake: float = _f(3e-6, "fake-score learning rate (run_sfd.sh: 3e-6)")
+    batch_size: int = _f(8, "global batch of remain and of forget prompts per iteration (run_sfd.sh: 8)")
+    alpha: float = _f(1.0, "SiD α (SD: 1; CIFAR configs: 1.2)")
+    t_init: int = _f(625, "the generator's fixed timestep (625 ⇒ σ_init ≈ 2.5)")
+    t_min: int = _f(20, "lowest loss timestep (train.py: 20)")
+    t_max: int = _f(980, "loss timesteps are drawn from [t_min, t_max) (train.py: 980)")
+    cfg_train_fake: float = _f(4.5, "κ1: guidance inside the fake score's own loss (SFD-SD: 4.5)")
+    cfg_eval_fake: float = _f(4.5, "κ2 = κ3: guidance of the fake score in the generator loss (4.5)")
+    cfg_eval_real: float = _f(4.5, "κ4: guidance of the teacher in the generator loss (4.5)")
+    g_remain: float = _f(1.0, "generator loss weight, remain batch (run_sfd.sh: 1)")
+    g_forget: float = _f(1.0, "generator loss weight, forget batch (run_sfd.sh: 1)")
+    sg_remain: float = _f(1.0, "fake-score loss weight, remain batch (1)")
+    sg_forget: float = _f(1.0, "fake-score loss weight, forget batch (1)")
+    concept_override: str = _f("", "override prompt c_s the teacher sees for forget prompts (default: the preset's; "
+                               "celebrity → 'a middle aged man', nudity → the bare subject)")
+    remain_prompts: str = _f("", "file of remain prompts, one per line (SFD: Aesthetics-6+ captions; default: the "
+                             "preset's anchors)")
+    prompt_pool: int = _f(4096, "toy world: how many remain and forget captions to draw from")
+
+
+METHOD_CONFIGS = {"esd": ESDConfig, "spm": SPMConfig, "salun": SalUnConfig, "sfd": SFDConfig}
 
 # Toy-world values (measured on the toy world; see README "Toy world numbers").
 TOY_DEFAULTS = {
     "esd": {"steps": 200, "lr": 1e-4, "batch_size": 8, "ddim_steps": 25, "variant": "esd-u"},
+    "sfd": {"steps": 1000, "lr": 5e-5, "lr_fake": 1e-4, "batch_size": 32, "cfg_train_fake": 4.0, "cfg_eval_fake": 4.0,
+            "cfg_eval_real": 4.0},
+    "spm": {"steps": 200, "lr": 5e-3, "batch_size": 4, "ddim_steps": 25, "anchor_weight": 10.0, "anchor_source": "both"},
+    "salun": {"steps": 200, "lr": 1e-4, "batch_size": 16, "alpha": 0.4, "forget_images": 512, "retain_images": 4096},
 }
 
 
@@ -86,6 +148,11 @@ def resolve_method_config(method: str, *, on_toy: bool, preset_overrides: dict, 
     """Build the method's config: dataclass default < toy default < preset override < explicit value."""
     cfg = METHOD_CONFIGS[method]()
     names = {f.name for f in fields(cfg)}
+    for f in fields(cfg):
+        value, choices = explicit.get(f.name), f.metadata.get("choices")
+        if value is not None and choices and value not in choices:
+            raise UserError(f"--{f.name.replace('_', '-')} {value} is not a choice of --method {method} "
+                            f"(choose from {', '.join(choices)})")
     layers = [TOY_DEFAULTS.get(method, {}) if on_toy else {}, preset_overrides.get(method, {}), explicit]
     for layer in layers:
         cfg = replace(cfg, **{k: v for k, v in layer.items() if k in names and v is not None})

@@ -47,6 +47,38 @@ def circle_reports(judge, esd_circle):
     return base, erased
 
 
+@pytest.fixture(scope="session")
+def base_circle_report(judge):
+    """The base toy model's circle rates at the SalUn / SPM measurement budget (2 images per prompt)."""
+    import pipelines
+    from eval.toy import concept_report
+
+    return concept_report(pipelines.load("toy"), judge, "circle", images_per_prompt=2)
+
+
+def _erase_and_report(tmp_path_factory, judge, name, argv):
+    import pipelines
+    from erasure.train import main
+    from eval.toy import concept_report
+
+    out = tmp_path_factory.mktemp(name) / f"circle-{name}.safetensors"
+    assert main(["--concept", "circle", "--output", str(out), "--quiet", *argv]) == 0
+    report = concept_report(pipelines.apply(pipelines.load("toy"), out), judge, "circle", images_per_prompt=2)
+    return out, report
+
+
+@pytest.fixture(scope="session")
+def salun_circle(tmp_path_factory, judge):
+    """SalUn erasing 'circle' with the CLI's toy defaults (mask computed): (artifact, judge report)."""
+    return _erase_and_report(tmp_path_factory, judge, "salun", ["--method", "salun"])
+
+
+@pytest.fixture(scope="session")
+def unmasked_circle(tmp_path_factory, judge):
+    """The same loss and budget without a saliency mask (--mask-fraction 1.0)."""
+    return _erase_and_report(tmp_path_factory, judge, "unmasked", ["--method", "salun", "--mask-fraction", "1.0"])
+
+
 def pytest_report_header(config):
     return f"torch {torch.__version__}, {torch.get_num_threads()} threads"
 

@@ -140,3 +140,18 @@ def test_check_fits_names_the_mismatch(tmp_path):
     missing = load_artifact(save_artifact(tmp_path / "m.safetensors", {"9.weight": torch.zeros(1)}, _meta()))
     with pytest.raises(UserError, match="has no weight '9.weight'"):
         check_fits(missing, net)
+
+
+def test_written_artifacts_are_ordinary_files(tmp_path):
+    """Atomic writes go through a private temp file; the artifact itself gets the usual permissions (umask)."""
+    import os
+
+    from adapters.artifact import save_artifact
+
+    old = os.umask(0o022)
+    try:
+        path = save_artifact(tmp_path / "a.safetensors", {"w": torch.zeros(2)}, {"kind": "weight_delta"})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"], "no temp file left"

@@ -28,3 +28,11 @@ def test_membrane_in_plain_diffusers_example(tmp_path):
     assert out.exists()
     assert set(report) == {"base", "membrane"} and report["base"].keys() == report["membrane"].keys()
     assert "circle" in report["base"]["a red circle"], "the base toy model draws the circle it is asked for"
+
+
+def test_salun_mask_plugin_example(tmp_path):
+    report = _load("salun_mask_plugin").run(steps=2, folder=tmp_path, images_per_prompt=1)
+    assert (tmp_path / "circle-salun.mask.safetensors").exists() and (tmp_path / "circle-esd-masked.safetensors").exists()
+    assert abs(report["mask"]["kept_fraction"] - 0.5) < 0.01 and report["mask"]["bytes_on_disk"] > 0
+    assert set(report["rates"]["target"]) == {"base", "salun", "esd_masked"}
+    assert report["rates"]["target"]["base"] >= 0.5, "the base model draws circles"

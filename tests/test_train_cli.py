@@ -11,7 +11,7 @@ from adapters.artifact import load_artifact
 from erasure.train import main
 from pipelines.testing import save_tiny, tiny_sd_pipeline
 
-FAST = ["--steps", "4", "--ddim-steps", "3", "--batch-size", "2", "--quiet"]
+FAST = ["--method", "esd", "--steps", "4", "--ddim-steps", "3", "--batch-size", "2", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +30,20 @@ def _err(capsys) -> str:
 def test_dry_run_resolves_toy_defaults_and_preset(capsys):
     assert main(["--concept", "circle", "--dry-run"]) == 0
     cfg = json.loads(capsys.readouterr().out)
-    assert cfg["run"]["model"] == "toy" and cfg["run"]["method"] == "esd"
+    # the default method is the best one measured on the toy world (README): SalUn
+    assert cfg["run"]["model"] == "toy" and cfg["run"]["method"] == "salun"
+    assert cfg["salun"]["alpha"] == 0.4 and cfg["salun"]["mask_fraction"] == 0.5
+    assert cfg["run"]["output"].endswith("circle-salun.safetensors")
+    assert main(["--concept", "circle", "--method", "esd", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
     assert cfg["esd"]["steps"] == 200 and cfg["esd"]["eta"] == 1.0
-    assert cfg["run"]["output"].endswith("circle-esd.safetensors")
-    assert main(["--concept", "circle", "--dry-run", "--eta", "2", "--steps", "7"]) == 0
+    assert main(["--concept", "circle", "--method", "esd", "--dry-run", "--eta", "2", "--steps", "7"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["esd"]["eta"] == 2.0 and cfg["esd"]["steps"] == 7 and cfg["run"]["steps"] == 7
 
 
 def test_nudity_preset_defaults_to_sd14_with_the_papers_variant(capsys):
-    assert main(["--concept", "nudity", "--dry-run"]) == 0
+    assert main(["--concept", "nudity", "--method", "esd", "--dry-run"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["run"]["model"] == "CompVis/stable-diffusion-v1-4"
     assert cfg["esd"]["variant"] == "esd-u" and cfg["esd"]["lr"] == 1e-5 and cfg["esd"]["steps"] == 1000
@@ -73,7 +77,8 @@ def test_unknown_method_and_bad_flags_exit_2():
 def test_fp16_on_cpu_is_a_clear_error(sd_folder, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: fp16 is valid here")
-    argv = ["--concept", "a dog", "--model", sd_folder, "--mixed-precision", "fp16", "--output", str(tmp_path / "a.safetensors")]
+    argv = ["--concept", "a dog", "--method", "esd", "--model", sd_folder, "--mixed-precision", "fp16",
+            "--output", str(tmp_path / "a.safetensors")]
     assert main(argv) == 2
     assert "needs a CUDA device" in _err(capsys)
 

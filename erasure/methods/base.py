@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from adapters.artifact import load_artifact, module_fingerprint, save_artifact
 from adapters.errors import UserError
+from adapters.saliency import SaliencyMask, load_mask
 
 
 def check_trainable_pipeline(pipe) -> None:
@@ -77,6 +78,10 @@ class FineTuneMethod(ABC):
             p.requires_grad_(True)
         # the frozen originals θ₀ of the trainable weights (the rest of the UNet is shared, never copied)
         self.original = {n: p.detach().clone() for n, p in self.params.items()}
+        self.mask: SaliencyMask | None = None
+        self.mask_source: str | None = None
+        if getattr(run, "mask", None):
+            self.use_mask(load_mask(run.mask, self.unet), source=str(run.mask))
 
     # -- to override -------------------------------------------------------------------------------------------
     @abstractmethod
@@ -92,19 +97,45 @@ class FineTuneMethod(ABC):
         """Context: the UNet with its original weights θ₀ (the frozen reference model)."""
         return swapped(self.unet, self.original)
 
+    def use_mask(self, mask: SaliencyMask, source: str | None = None) -> None:
+        """Confine training to the mask's weights (a SalUn saliency mask as a plug-in): gradients are gated by hooks,
+        so with Adam (no weight decay) every other weight stays exactly θ₀; parameters the mask does not cover are
+        frozen."""
+        self.mask = mask.restricted(self.params)
+        self.mask_source = source
+        if self.mask.kept == 0:
+            raise UserError(f"{self.name}: the saliency mask keeps none of the weights this method trains "
+                            f"({getattr(self.config, 'variant', '')}); use a mask made for these parameters")
+        for n, p in self.params.items():
+            p.register_hook(lambda g, n=n: self.mask.gate(n, g))
+
     def optimizer(self, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.params.values(), lr=lr)  # ESD / SalUn: Adam, no weight decay
 
     def delta(self) -> dict[str, torch.Tensor]:
-        return {n: (p.detach() - self.original[n]).to(torch.float32) for n, p in self.params.items()}
+        """θ − θ₀ of the trained weights; with a mask, only of the parameters it keeps any weight of, and exactly 0
+        outside it."""
+        out = {n: (p.detach() - self.original[n]).to(torch.float32) for n, p in self.params.items()}
+        if self.mask is not None:
+            out = {n: self.mask.gate(n, d) for n, d in out.items() if n in self.mask.masks and self.mask.masks[n].any()}
+        return out
 
     def artifact(self, model_id: str) -> tuple[dict, dict, dict | None]:
         """(tensors, metadata, extra header strings) of the artifact this run ships."""
         return self.delta(), self.metadata(model_id), None
 
     def metadata(self, model_id: str) -> dict:
-        return run_metadata(self, "weight_delta", model_id, module_fingerprint(self.unet, list(self.params)),
-                            target="unet")
+        names = list(self.delta()) if self.mask is not None else list(self.params)
+        extra = {}
+        if self.mask is not None:
+            extra["mask"] = {"source": self.mask_source, "kept_fraction": round(self.mask.fraction, 6),
+                             "fraction": self.mask.metadata.get("fraction"), "concept": self.mask.metadata.get("concept")}
+        return run_metadata(self, "weight_delta", model_id, module_fingerprint(self.unet, names), target="unet", **extra)
+
+
+def mask_path(output: Path) -> Path:
+    """Where a run that computes a saliency mask writes it: beside its artifact, ``<name>.mask.safetensors``."""
+    return output.with_name(output.name.removesuffix(".safetensors") + ".mask.safetensors")
 
 
 def run_metadata(method, kind: str, model_id: str, fingerprint: str, **extra) -> dict:

@@ -6,8 +6,9 @@ guidance away from c:
     ε_θ(x_t, c, t)  ←  ε_θ*(x_t, t) − η · [ε_θ*(x_t, c, t) − ε_θ*(x_t, t)]            (paper Eq. 5 target)
 
 x_t comes from partial DDIM sampling (η_DDIM = 0, CFG 3) conditioned on c, stopped at a random step of 50.
-Variants by trained parameters: ESD-x (cross-attention ``attn2``), ESD-u (everything but cross-attention,
-time embedding and the output layers — ``noxattn`` of the paper code), ``full``, ``selfattn``.
+Variants by trained parameters: ESD-x (cross-attention ``attn2``; ``esd-x-strict``: its to_k / to_v only), ESD-u
+(everything but cross-attention, time embedding and the output layers — ``noxattn`` of the paper code), ``full``,
+``selfattn``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def select_parameters(unet: torch.nn.Module, variant: str) -> list[str]:
     names = [n for n, _ in unet.named_parameters()]
     if variant == "esd-x":
         return [n for n in names if ".attn2." in n]
+    if variant == "esd-x-strict":  # the diffusers code's esd-x-strict: the text-facing projections only
+        return [n for n in names if ".attn2.to_k." in n or ".attn2.to_v." in n]
     if variant == "selfattn":
         return [n for n in names if ".attn1." in n]
     if variant == "esd-u":

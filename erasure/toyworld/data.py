@@ -310,6 +310,37 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     return sample_pair(rng)
 
 
+def contains(scene: Scene, concept: str) -> bool:
+    """Whether any object of ``scene`` shows ``concept`` (a shape, colour or fill)."""
+    return any(concept in (o.shape, o.colour, o.fill) for o in scene.objects)
+
+
+def sample_concept(concept: str, rng: np.random.Generator, substitute: str | None = None) -> tuple[Scene, str | None]:
+    """A single-object scene showing ``concept`` (a shape, colour or fill) with a caption that names it, and — given
+    ``substitute``, another word of the same kind — the same caption with the concept's word swapped for it
+    ("a striped red circle" → "a striped red square"): SalUn's forget / substitute prompt pairs."""
+    if concept in SHAPES:
+        shape, colour, fill = concept, _random_colour(concept, rng), str(rng.choice(FILLS))
+        name_c, name_f = rng.random() < 0.8, rng.random() < 0.7
+    elif concept in COLOURS:
+        shape = str(rng.choice([s for s in SHAPES if _allowed(s, concept)]))
+        colour, fill = concept, str(rng.choice(FILLS))
+        name_c, name_f = True, rng.random() < 0.5
+    elif concept in FILLS:
+        shape = str(rng.choice(SHAPES))
+        colour, fill = _random_colour(shape, rng), concept
+        name_c, name_f = rng.random() < 0.8, True
+    else:
+        raise ValueError(f"not a toy concept: {concept!r}")
+    words = {"shape": shape, "colour": colour if name_c else None, "fill": fill if name_f else None}
+    template = rng.choice([t for t, c, f in _SINGLE_TEMPLATES if c == name_c and f == name_f])
+    caption = articles(template.format(**words))
+    swapped = None
+    if substitute is not None:
+        swapped = articles(template.format(**{k: substitute if v == concept else v for k, v in words.items()}))
+    return Scene([_single_obj(shape, colour, fill, rng)], _background(rng), caption, "single"), swapped
+
+
 def make_dataset(n: int, seed: int) -> tuple[np.ndarray, list[Scene]]:
     """``n`` seeded training images, uint8 (n, SIZE, SIZE, 3), with their scenes (captions, ground truth)."""
     rng = np.random.default_rng(seed)
