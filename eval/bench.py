@@ -10,6 +10,10 @@ times every configuration once; the median over rounds is reported), so machine 
 - ``memory``: peak memory of a training step vs an inference step, each in a fresh process (RSS on CPU, sampled
   every millisecond; allocated memory on CUDA), in total and as the increase over the loaded model.
 
+- ``one_step``: images per second of a one-step generator (``OneStepPipeline``, what SFD distils) against the
+  teacher's 25-step classifier-free-guided DDIM sampler, with and without the VAE decode (``--one-step``; the
+  generator's speed does not depend on its training, so the teacher UNet stands in for it).
+
 Models: ``toy`` (the toy world's UNet, 8×8 latents) and ``sd1`` (a randomly initialised SD-1.x-shaped UNet, 860 M
 parameters, 64×64 latents). Prints JSON; ``--output`` also writes it to a file.
 """
@@ -30,7 +34,8 @@ import torch
 
 from adapters import membrane
 
-TARGETS = {"forward_1": 1.05, "forward_8_transport": 1.15, "forward_merged": 1.00, "train_step_vs_peft": 1.2}
+TARGETS = {"forward_1": 1.05, "forward_8_transport": 1.15, "forward_merged": 1.00, "train_step_vs_peft": 1.2,
+           "one_step_vs_teacher_images": 40.0}
 
 
 def make_unet(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -252,8 +257,48 @@ def bench_memory(model: str, device: str, batch: int) -> dict:
     }
 
 
+def _pipeline(model: str, device: str):
+    import pipelines
+    from pipelines.testing import sd1_shaped_pipeline
+
+    pipe = pipelines.load("toy") if model == "toy" else sd1_shaped_pipeline()
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def bench_one_step(model: str, device: str, batch: int, rounds: int, iters: int, steps: int = 25) -> dict:
+    """One-step generator vs the teacher's ``steps``-step CFG sampler, side by side (images per second)."""
+    from diffusers import DDPMScheduler
+
+    from erasure.toyworld.models import GUIDANCE
+    from pipelines.one_step import OneStepPipeline
+
+    pipe = _pipeline(model, device)
+    student = OneStepPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+                              scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
+    prompts = ["a red circle"] * batch
+    guidance = GUIDANCE if model == "toy" else 7.5
+
+    def teacher(kind):
+        return lambda: pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type=kind)
+
+    def one(kind):
+        return lambda: student(prompts, output_type=kind)
+
+    noop = lambda: None  # noqa: E731
+    configs = {"teacher_images": (noop, teacher("np")), "one_step_images": (noop, one("np")),
+               "teacher_latents": (noop, teacher("latent")), "one_step_latents": (noop, one("latent"))}
+    sec = interleaved(configs, device, rounds, iters)
+    return {
+        "teacher": f"{steps}-step DDIM, CFG {guidance}",
+        "images_per_second": {k: round(batch / v, 3) for k, v in sec.items()},
+        "ratio": {"one_step_vs_teacher_images": round(sec["teacher_images"] / sec["one_step_images"], 2),
+                  "one_step_vs_teacher_latents": round(sec["teacher_latents"] / sec["one_step_latents"], 2)},
+    }
+
+
 def run(models: Sequence[str], device: str = "cpu", batch: int = 2, rounds: int = 5, iters: int = 3,
-        memory: bool = True) -> dict:
+        memory: bool = True, one_step: bool = False) -> dict:
     report = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": batch,
               "rounds": rounds, "targets": TARGETS, "models": {}}
     for model in models:
@@ -262,6 +307,8 @@ def run(models: Sequence[str], device: str = "cpu", batch: int = 2, rounds: int 
              "train_step": bench_train_step(model, device, batch, rounds, iters * scale)}
         if memory:
             r["memory"] = bench_memory(model, device, batch)
+        if one_step:
+            r["one_step"] = bench_one_step(model, device, batch, rounds, 1 if model == "sd1" else iters)
         report["models"][model] = r
     return report
 
@@ -274,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iters", type=int, default=3, help="calls per timing (×4 on the toy UNet)")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--one-step", action="store_true", help="also time a one-step generator against the 25-step teacher")
     p.add_argument("--output", help="also write the JSON report here")
     p.add_argument("--peak-memory", choices=("inference", "train"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -288,7 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.peak_memory:
         print(*_step_memory(models[0], args.device, args.batch, args.peak_memory))
         return 0
-    report = run(models, args.device, args.batch, args.rounds, args.iters, memory=not args.no_memory)
+    report = run(models, args.device, args.batch, args.rounds, args.iters, memory=not args.no_memory,
+                 one_step=args.one_step)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:

@@ -190,6 +190,10 @@ def _pipeline_class(folder: Path):
         name = json.loads((folder / "model_index.json").read_text())["_class_name"]
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{folder / 'model_index.json'} is unreadable or has no _class_name") from None
+    if name == "OneStepPipeline":  # the toolkit's own one-step generator (SFD)
+        from pipelines.one_step import OneStepPipeline
+
+        return OneStepPipeline
     return getattr(diffusers, name) if name in _SD_CLASSES else diffusers.DiffusionPipeline
 
 

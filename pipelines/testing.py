@@ -168,3 +168,25 @@ def tiny_sdxl_pipeline(seed: int = 0):
 def save_tiny(pipe, folder: str | os.PathLike) -> None:
     """Save ``pipe`` as a diffusers folder (safetensors weights) at ``folder``."""
     pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def sd1_shaped_pipeline(seed: int = 0):
+    """A full-size, randomly initialised ``StableDiffusionPipeline`` with SD 1.x's architecture (860 M UNet, 83 M
+    VAE, 123 M CLIP ViT-L/14 text encoder; 512×512 images, 64×64×4 latents): for speed and memory measurements only."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        sample_size=512, scaling_factor=0.18215)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                        hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
+                                        pad_token_id=49407))
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text.eval(), tokenizer=clip_tokenizer(), unet=unet.eval(),
+                                   scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -49,3 +49,10 @@ def test_cli_unwritable_output_is_one_line_and_exit_2(tmp_path, monkeypatch, cap
     assert bench.main(["--models", "toy", "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot write") and "\n" not in err and not out.parent.exists()
+
+
+def test_one_step_generator_speed_is_reported_side_by_side():
+    r = bench.bench_one_step("toy", "cpu", batch=2, rounds=1, iters=1)
+    assert set(r["images_per_second"]) == {"teacher_images", "one_step_images", "teacher_latents", "one_step_latents"}
+    assert all(v > 0 for v in r["images_per_second"].values()) and r["teacher"].startswith("25-step")
+    assert set(r["ratio"]) == {"one_step_vs_teacher_images", "one_step_vs_teacher_latents"}

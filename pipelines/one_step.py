@@ -1,0 +1,84 @@
+"""``OneStepPipeline``: a text-to-image diffusers pipeline that generates in one UNet evaluation.
+
+The UNet is a one-step generator G (e.g. distilled by Score Forgetting Distillation): from noise z it is evaluated
+once at the fixed timestep ``init_timestep`` (SiD-LSG / SFD: 625 of SD's 1000, σ_init ≈ 2.5):
+
+    x = √(1 − ᾱ_init)·z,    x_g = (x − √(1 − ᾱ_init)·G(x, t_init, c)) / √ᾱ_init
+
+and x_g is decoded by the VAE. It takes the arguments StableDiffusionPipeline takes (prompt, negative_prompt,
+num_images_per_prompt, generator, latents, prompt_embeds, output_type, height / width), so evaluation code treats it
+as any other model; ``num_inference_steps`` and ``guidance_scale`` are accepted and ignored (guidance was distilled
+into G), and a negative prompt has no unconditional branch to act on, so it is ignored with a warning.
+
+    pipe.save_pretrained("circle-sfd")              # a folder of safetensors + model_index.json
+    pipe = OneStepPipeline.from_pretrained("circle-sfd")   # or pipelines.load("circle-sfd")
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
+
+class OneStepPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, init_timestep: int = 625):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.register_to_config(init_timestep=int(init_timestep))
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+    def generate_latents(self, z: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """The generator's clean latents x_g from noise z (B, C, h, w), in fp32 (ᾱ conversions in fp32)."""
+        t = int(self.config.init_timestep)
+        a = self.scheduler.alphas_cumprod[t].to(z.device, torch.float32)
+        x = (1 - a).sqrt() * z.float()
+        eps = self.unet(x.to(self.unet.dtype), torch.full((len(z),), t, device=z.device), prompt_embeds).sample
+        return (x - (1 - a).sqrt() * eps.float()) / a.sqrt()
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt=None, num_images_per_prompt: int = 1,
+                 generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, **unused):
+        # 1. prompts → text conditioning
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("pass prompt or prompt_embeds")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds = self._encode(prompts)
+        if negative_prompt is not None:
+            warnings.warn("OneStepPipeline ignores negative_prompt: the one-step generator has no unconditional "
+                          "branch (guidance was distilled into it)", stacklevel=2)
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0).to(self.unet.dtype)
+        n = len(prompt_embeds)
+        # 2. noise
+        c = self.unet.config.in_channels
+        h = (height or self.unet.config.sample_size * self.vae_scale_factor) // self.vae_scale_factor
+        w = (width or self.unet.config.sample_size * self.vae_scale_factor) // self.vae_scale_factor
+        if latents is None:
+            gens = generator if isinstance(generator, list) else [generator] * n
+            latents = torch.stack([torch.randn((c, h, w), generator=g) for g in gens]) if generator is not None \
+                else torch.randn((n, c, h, w))
+        z = latents.to(self.unet.device)
+        # 3. one evaluation, 4. decode
+        x_g = self.generate_latents(z, prompt_embeds.to(self.unet.device))
+        if output_type == "latent":
+            images = x_g
+        else:
+            decoded = self.vae.decode((x_g / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+            images = self.image_processor.postprocess(decoded.float(), output_type=output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
