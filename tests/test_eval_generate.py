@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -115,6 +116,16 @@ def test_resuming_with_other_settings_is_refused(pipe, reference):
 # the command line, in other processes
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The CLI subprocesses run with one torch thread; so does this process here, so that images made in and out of
+    process match bit for bit (the thread count changes floating-point summation order)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1"}
@@ -161,6 +172,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_accelerate_launch_two_processes_merge_to_the_one_process_result(cli_reference, tmp_path):
     prompts, ref = cli_reference
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -1,6 +1,8 @@
 """Every example script runs (at a small budget) and reports what it claims to."""
 
 import importlib.util
+
+import pytest
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -30,6 +32,7 @@ def test_membrane_in_plain_diffusers_example(tmp_path):
     assert "circle" in report["base"]["a red circle"], "the base toy model draws the circle it is asked for"
 
 
+@pytest.mark.slow
 def test_salun_mask_plugin_example(tmp_path):
     report = _load("salun_mask_plugin").run(steps=2, folder=tmp_path, images_per_prompt=1)
     assert (tmp_path / "circle-salun.mask.safetensors").exists() and (tmp_path / "circle-esd-masked.safetensors").exists()
