@@ -112,20 +112,23 @@ class FineTuneMethod(ABC):
     def optimizer(self, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.params.values(), lr=lr)  # ESD / SalUn: Adam, no weight decay
 
+    def shipped_names(self) -> list[str]:
+        """The parameters the artifact carries: all trained ones, or with a mask those it keeps any weight of."""
+        if self.mask is None:
+            return list(self.params)
+        return [n for n in self.params if n in self.mask.masks and bool(self.mask.masks[n].any())]
+
     def delta(self) -> dict[str, torch.Tensor]:
-        """θ − θ₀ of the trained weights; with a mask, only of the parameters it keeps any weight of, and exactly 0
-        outside it."""
-        out = {n: (p.detach() - self.original[n]).to(torch.float32) for n, p in self.params.items()}
-        if self.mask is not None:
-            out = {n: self.mask.gate(n, d) for n, d in out.items() if n in self.mask.masks and self.mask.masks[n].any()}
-        return out
+        """θ − θ₀ of the shipped parameters; with a mask, exactly 0 outside it."""
+        out = {n: (self.params[n].detach() - self.original[n]).to(torch.float32) for n in self.shipped_names()}
+        return {n: self.mask.gate(n, d) for n, d in out.items()} if self.mask is not None else out
 
     def artifact(self, model_id: str) -> tuple[dict, dict, dict | None]:
         """(tensors, metadata, extra header strings) of the artifact this run ships."""
         return self.delta(), self.metadata(model_id), None
 
     def metadata(self, model_id: str) -> dict:
-        names = list(self.delta()) if self.mask is not None else list(self.params)
+        names = self.shipped_names()
         extra = {}
         if self.mask is not None:
             extra["mask"] = {"source": self.mask_source, "kept_fraction": round(self.mask.fraction, 6),
