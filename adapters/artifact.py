@@ -207,13 +207,27 @@ def check_fits(art: Artifact, module: torch.nn.Module, names: Iterable[str] | No
 
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a text file (a run record, a report) through a temp sibling and a rename: never half-written."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file through a temp sibling (unique per process) and a rename: readers see the old file or the new
+    one, never a part; the file gets the usual permissions (umask). Failures are one-line :class:`UserError`\ s."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
-        tmp.replace(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file (a run record, a report) atomically (:func:`write_bytes_atomic`)."""
+    write_bytes_atomic(path, text.encode())

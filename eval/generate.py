@@ -19,7 +19,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from adapters.artifact import write_bytes_atomic
 from adapters.errors import UserError
 
 
@@ -128,7 +128,7 @@ def finalise(folder: str | os.PathLike, total: int) -> bool:
     entries = read_manifest(folder)
     if [e["index"] for e in entries] != list(range(total)):
         return False
-    _write_atomic(folder / MANIFEST, "".join(json.dumps(e) + "\n" for e in entries).encode())
+    write_bytes_atomic(folder / MANIFEST, "".join(json.dumps(e) + "\n" for e in entries).encode())
     for log in folder.glob(_SHARD_LOG.format(k="*", n="*")):
         log.unlink(missing_ok=True)
     return True
@@ -223,7 +223,7 @@ def _check_run(out: Path, settings: dict, batch_size: int) -> None:
                 raise UserError(f"{out} holds a run with other settings ({key}: {old.get(key)!r} there, "
                                 f"{settings.get(key)!r} now): use the same settings to resume, or a new --output")
         return
-    _write_atomic(path, (json.dumps({"settings": settings, "batch_size": batch_size}, indent=2) + "\n").encode())
+    write_bytes_atomic(path, (json.dumps({"settings": settings, "batch_size": batch_size}, indent=2) + "\n").encode())
 
 
 def _make_folder(output) -> Path:
@@ -235,35 +235,14 @@ def _make_folder(output) -> Path:
     return out
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp sibling (unique per process) + ``os.replace``: readers see the old file or the new one, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_png(path: Path, image: np.ndarray) -> str:
-    """Write one image atomically (through ``.NAME.tmp``); returns the file's sha256."""
+    """Write one image atomically (:func:`adapters.artifact.write_bytes_atomic`); returns the file's sha256."""
     from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     data = buf.getvalue()
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    write_bytes_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
