@@ -76,6 +76,16 @@ def _toy_fill(fill: str) -> Concept:
     )
 
 
+def toy_word(concept: Concept, text: str, role: str) -> str:
+    """The first word of ``text`` naming another toy shape / colour / fill of ``concept``'s kind (the word a method
+    puts in the concept's place: "a red square" for "circle" → "square"). ``role`` names ``text`` in the error."""
+    vocab = {"toy-shape": toy.SHAPES, "toy-colour": tuple(toy.COLOURS), "toy-fill": toy.FILLS}[concept.kind]
+    words = [w for w in text.split() if w in vocab and w != concept.name]
+    if not words:
+        raise UserError(f"{role} '{text}' names no other {concept.kind[4:]} of the toy world")
+    return words[0]
+
+
 def toy_presets() -> dict[str, Concept]:
     out = {s: _toy_shape(s) for s in toy.SHAPES}
     out.update({c: _toy_colour(c) for c in toy.COLOURS})

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,16 +63,6 @@ class Examples:
 # data
 
 
-def _toy_substitute_word(concept) -> str:
-    from erasure.toyworld import data
-
-    vocab = {"toy-shape": data.SHAPES, "toy-colour": tuple(data.COLOURS), "toy-fill": data.FILLS}[concept.kind]
-    words = [w for w in concept.substitute.split() if w in vocab and w != concept.name]
-    if not words:
-        raise UserError(f"salun: the substitute '{concept.substitute}' names no other {concept.kind[4:]} of the toy world")
-    return words[0]
-
-
 @torch.no_grad()
 def _encode_images(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -82,10 +72,11 @@ def _encode_images(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
 
 def toy_data(pipe, concept, n_forget: int, n_retain: int, seed: int, substitute: str | None = None):
     """→ (forget Examples, retain Examples, texts): the toy world's own images, as described above."""
+    from erasure.concepts import toy_word
     from erasure.toyworld import data
 
     rng = np.random.default_rng(seed)
-    sub_word = _toy_substitute_word(concept) if substitute is None else substitute
+    sub_word = toy_word(concept, concept.substitute, "salun: the substitute") if substitute is None else substitute
     forget = [data.sample_concept(concept.name, rng, sub_word) for _ in range(n_forget)]
     retain = []
     while len(retain) < n_retain:
@@ -164,13 +155,13 @@ class SalUn(FineTuneMethod):
         super().__init__(pipe, concept, config, run)
         from diffusers import DDPMScheduler
 
-        from erasure.concepts import TOY_MODEL
+        from erasure.concepts import TOY_MODEL, toy_word
 
         quiet = getattr(run, "quiet", False) or not sys.stderr.isatty()
         if run.model == TOY_MODEL:
             sub = None
             if config.substitute:
-                sub = _toy_substitute_word(replace(concept, substitute=config.substitute))
+                sub = toy_word(concept, config.substitute, "salun: the substitute")
             self.forget, self.retain, texts = toy_data(pipe, concept, config.forget_images, config.retain_images,
                                                        run.seed, sub)
         else:

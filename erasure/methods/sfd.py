@@ -27,7 +27,7 @@ import sys
 import time
 from contextlib import contextmanager
 from copy import deepcopy
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -113,11 +113,11 @@ def toy_prompts(concept, n: int, seed: int, override: str | None = None):
     same caption with its word swapped ("a red circle" → "a red square")."""
     import numpy as np
 
-    from erasure.methods.salun import _toy_substitute_word
+    from erasure.concepts import toy_word
     from erasure.toyworld import data
 
     rng = np.random.default_rng(seed)
-    word = override or _toy_substitute_word(replace(concept, substitute=concept.override))
+    word = override or toy_word(concept, concept.override, "sfd: the override")
     pairs = [data.sample_concept(concept.name, rng, word) for _ in range(n)]
     remain = []
     while len(remain) < n:
