@@ -39,6 +39,10 @@ deterministic; CUDA kernels need not be). Config format (every relative path is 
     base = "toy"
     artifacts = [{ train = ["--concept", "circle", "--method", "esd"] }, { path = "other.safetensors" }]
 
+    [[models]]
+    name = "sfd"                 # a base the sweep distils (methods that write a pipeline folder: sfd); cached
+    base = { train = ["--concept", "circle", "--method", "sfd"] }
+
     [[prompt_sets]]
     name = "target"
     source = "toy:circle/target" # toy set, I2P CSV, COCO caption CSV or a text file (eval.prompts)
@@ -121,7 +125,7 @@ VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "torchmetrics", "ope
 COLUMNS = (
     "model", "prompt_set", "metric", "quantity", "value", "n",
     "metric_kind", "metric_protocol", "metric_threshold", "metric_weights_sha256", "metric_version", "reference",
-    "base_model", "base_model_sha256", "artifacts", "artifact_tensors_sha256", "artifact_train_args",
+    "base_model", "base_model_sha256", "base_train_args", "artifacts", "artifact_tensors_sha256", "artifact_train_args",
     "prompt_source", "prompts", "prompts_sha256", "images_per_prompt", "images", "images_sha256",
     "seed", "steps", "guidance", "scheduler", "dtype", "device", "batch_size", "torch_threads",
     "version_toolkit", "version_python", *(f"version_{p.replace('-', '_')}" for p in VERSIONED_PACKAGES),
@@ -146,6 +150,7 @@ class ModelSpec:
     name: str
     base: str  # as given ("toy", a hub id) or an absolute folder path
     artifacts: list[ArtifactSpec] = field(default_factory=list)
+    train: list[str] | None = None  # erasure.train arguments of a base the sweep distils (SFD), or None
 
 
 @dataclass
@@ -375,6 +380,12 @@ def _read_models(file: Path, tables, cfg: SweepConfig, train_steps: int | None) 
         r = _Reader(file, f"[[models]] #{i}", t, MODEL_KEYS, ("name",))
         name = r.name()
         r.where = f"[[models]] '{name}'"
+        if isinstance(t.get("base"), dict):  # base = { train = [...] }: a one-step student the sweep distils
+            if t.get("artifacts"):
+                r.fail("a base the sweep trains takes no artifacts; train the student, then name its folder as base")
+            base, train = _read_trained_base(file, f"[[models]] '{name}' base", t["base"], cfg, train_steps)
+            models.append(ModelSpec(name, base, [], train))
+            continue
         base = r.get("base", str, "toy")
         local = Path(os.path.expanduser(base))
         local = local if local.is_absolute() else file.parent / local
@@ -424,9 +435,11 @@ def _read_artifact(file: Path, where: str, table, base: str, cfg: SweepConfig, t
         args = _without_option(args, "--steps") + ["--steps", str(train_steps)]
     args = [*args, "--model", base]
     run = _resolve_train(r, args)
-    if run.method == "sfd":
-        r.fail("--method sfd makes a one-step pipeline folder, not an artifact: train it with python -m erasure.train "
-               "and name the folder as a [[models]] base")
+    from erasure.train import FOLDER_METHODS
+
+    if run.method in FOLDER_METHODS:
+        r.fail(f"--method {run.method} makes a pipeline folder, not an artifact: make it the model's base, "
+               f"base = {{ train = [...] }}")
     from adapters.artifact import package_version
 
     key = hashlib.sha256(json.dumps({"train": args, "toolkit": package_version()}).encode()).hexdigest()
@@ -434,6 +447,28 @@ def _read_artifact(file: Path, where: str, table, base: str, cfg: SweepConfig, t
     name = r.name(f"{run.method}-{concept}")
     return ArtifactSpec(name, path=(cfg.cache / f"{run.method}-{concept}-{key[:16]}.safetensors"), train=args,
                         cache_key=key)
+
+
+def _read_trained_base(file: Path, where: str, table, cfg: SweepConfig, train_steps: int | None) -> tuple[str, list]:
+    """``base = { train = [...] }``: erasure.train arguments of a method that writes a pipeline folder (SFD)."""
+    from erasure.train import FOLDER_METHODS
+
+    r = _Reader(file, where, table, {"train"}, ("train",))
+    args = r.strings("train")
+    for bad in ("--output", "--dry-run", "--resume"):
+        if any(a == bad or a.startswith(bad + "=") for a in args):
+            r.fail(f"'train' must not contain {bad}: the sweep sets it")
+    if train_steps is not None:
+        args = _without_option(args, "--steps") + ["--steps", str(train_steps)]
+    run = _resolve_train(r, args, folder=True)
+    if run.method not in FOLDER_METHODS:
+        r.fail(f"--method {run.method} makes an artifact, not a model folder: put it in artifacts = [{{ train = "
+               "[...] }] (a trained base is for --method " + "/".join(FOLDER_METHODS) + ")")
+    from adapters.artifact import package_version
+
+    key = hashlib.sha256(json.dumps({"train": args, "toolkit": package_version()}).encode()).hexdigest()
+    concept = re.sub(r"[^A-Za-z0-9_-]+", "_", run.concept)[:40]
+    return str((cfg.cache / f"{run.method}-{concept}-{key[:16]}").resolve()), args
 
 
 def _without_option(args: list[str], flag: str) -> list[str]:
@@ -451,21 +486,24 @@ def _without_option(args: list[str], flag: str) -> list[str]:
     return out
 
 
-def _resolve_train(r: _Reader, args: list[str]):
-    """Parse and check erasure.train arguments without training (argparse errors become one line)."""
+def _resolve_train(r: _Reader, args: list[str], folder: bool = False):
+    """Parse and check erasure.train arguments without training (argparse errors become one line). ``folder``: the
+    arguments are a trained base's (as given), else an artifact's (with the sweep's ``--model BASE`` appended)."""
     import erasure.train as et
 
     parser = et.build_parser()
+    shown = args if folder else args[:-2]
 
     def error(msg):
-        r.fail(f"train = {args[:-2]}: {msg}")
+        r.fail(f"train = {shown}: {msg}")
 
     parser.error = error
-    parser.parse_args(args)
+    ns = parser.parse_args(args)
+    output = "x" if ns.method in et.FOLDER_METHODS else "x.safetensors"  # the caller says what the method must make
     try:
-        run, _, _ = et.resolve([*args, "--output", "x.safetensors"])
+        run, _, _ = et.resolve([*args, "--output", output])
     except UserError as e:
-        r.fail(f"train = {args[:-2]}: {e}")
+        r.fail(f"train = {shown}: {e}")
     return run
 
 
@@ -765,11 +803,16 @@ def _log(quiet: bool, msg: str) -> None:
 
 
 def train_artifacts(cfg: SweepConfig, *, quiet: bool = True) -> None:
-    """Train every ``train = [...]`` artifact that is not in the cache yet (an interrupted training resumes)."""
+    """Train every ``train = [...]`` base and artifact not in the cache yet (an interrupted training resumes)."""
     import erasure.train as et
 
     done = set()
     for m in cfg.models:
+        if m.train is not None and not Path(m.base).exists() and m.base not in done:
+            _log(quiet, f"sweep: training the base of model '{m.name}': erasure.train {' '.join(m.train)}")
+            run, concept, mcfg = et.resolve([*m.train, "--output", m.base, "--resume", "--quiet"])
+            et.train(run, concept, mcfg)
+            done.add(m.base)
         for a in m.artifacts:
             if a.train is None or a.path.exists() or a.path in done:
                 continue
@@ -792,7 +835,8 @@ def _model_info(cfg: SweepConfig, m: ModelSpec, hashes: Path) -> dict:
                      "concept": (meta.get("concept") or {}).get("name") if isinstance(meta.get("concept"), dict)
                      else meta.get("concept"), "train": a.train})
     folder = _resolve_folder(m.base)
-    return {"name": m.name, "base": _label(m.base), "base_sha256": folder_sha256(folder, hashes), "artifacts": arts}
+    return {"name": m.name, "base": _label(m.base), "base_sha256": folder_sha256(folder, hashes), "artifacts": arts,
+            "base_train": m.train}
 
 
 def _guidance(cfg: SweepConfig, m: ModelSpec) -> float:
@@ -1091,6 +1135,7 @@ def measure_all(cfg: SweepConfig, infos: dict, env: dict, *, quiet: bool = True)
             common = {
                 "model": m.name, "prompt_set": p.name, "base_model": info["base"],
                 "base_model_sha256": info["base_sha256"],
+                "base_train_args": " ".join(info["base_train"] or ()),
                 "artifacts": ";".join(f"{a['name']}={a['sha256']}" for a in info["artifacts"]),
                 "artifact_tensors_sha256": ";".join(f"{a['name']}={a['tensors_sha256']}" for a in info["artifacts"]),
                 "artifact_train_args": ";".join(f"{a['name']}={' '.join(a['train'])}" for a in info["artifacts"]
@@ -1197,7 +1242,8 @@ def _parser() -> argparse.ArgumentParser:
 def plan_summary(cfg: SweepConfig) -> dict:
     return {
         "config": str(cfg.path), "output": str(cfg.output), "cache": str(cfg.cache),
-        "models": [{"name": m.name, "base": m.base, "artifacts": [
+        "models": [{"name": m.name, "base": m.base, **({"train": m.train, "cached": Path(m.base).exists()} if m.train
+                                                        else {}), "artifacts": [
             {"name": a.name, "path": str(a.path), "train": a.train, "cached": a.path.exists()} if a.train else
             {"name": a.name, "path": str(a.path)} for a in m.artifacts]} for m in cfg.models],
         "prompt_sets": [{"name": p.name, "source": p.source, "prompts": p.prompts, "images": len(p.records)}

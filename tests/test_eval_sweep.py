@@ -258,6 +258,14 @@ BAD = {
     "plot quantity": ("[[plots]]\nx='rates.circle.nope'\ny='clip'", "has no quantity 'circle.nope'"),
     "plot prompt set": ("[[plots]]\nx='fid@nope'\ny='clip'", "no [[prompt_sets]] named 'nope'"),
     "bad name": ("[[models]]\nname='a b'", "letters, digits"),
+    "trained base of an artifact method": ("[[models]]\nname='x'\nbase={train=['--concept','circle','--method','esd']}",
+                                           "makes an artifact, not a model folder"),
+    "trained base with artifacts": ("[[models]]\nname='x'\nbase={train=['--concept','circle','--method','sfd']}\n"
+                                    "artifacts=[{path='delta.safetensors'}]", "takes no artifacts"),
+    "sfd as an artifact": ("[[models]]\nname='x'\nartifacts=[{train=['--concept','circle','--method','sfd']}]",
+                           "makes a pipeline folder, not an artifact"),
+    "trained base sets output": ("[[models]]\nname='x'\nbase={train=['--method','sfd','--output','o']}",
+                                 "must not contain --output"),
 }
 
 
@@ -381,3 +389,37 @@ model = "toy"
     assert row["model"] == "student" and row["base_model"] == "student" and row["metric"] == "clip_score"
     assert row["base_model_sha256"] == sweep.folder_sha256(tmp_path / "student") and 0 <= row["value"] <= 100
     assert res["generated"] == 2
+
+
+def test_a_base_the_sweep_distils_is_trained_once_and_cached(tmp_path, capsys):
+    """base = { train = [... --method sfd ...] }: the sweep distils the one-step student into its cache folder, uses
+    it as the model (rows record the training arguments), and a second sweep with the same cache reuses it."""
+    text = """
+[sweep]
+steps = 2
+[[models]]
+name = "sfd"
+base = { train = ["--concept", "circle", "--method", "sfd", "--steps", "1", "--batch-size", "2"] }
+[[prompt_sets]]
+name = "t"
+source = "toy:circle/target"
+limit = 2
+[[metrics]]
+kind = "toy_concept_rates"
+"""
+    (tmp_path / "sweep.toml").write_text(text)
+    cache = tmp_path / "cache"
+    assert sweep.main(["--config", str(tmp_path / "sweep.toml"), "--dry-run", "--cache", str(cache)]) == 0
+    (planned,) = json.loads(capsys.readouterr().out)["models"]
+    assert planned["cached"] is False and planned["train"][:4] == ["--concept", "circle", "--method", "sfd"]
+    res = sweep.run_sweep(sweep.load_config(tmp_path / "sweep.toml", output=tmp_path / "out", cache=cache))
+    (folder,) = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert folder.name.startswith("sfd-circle-") and (folder / "model_index.json").is_file()
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "OneStepPipeline"
+    row = res["rows"][0]
+    assert row["base_train_args"] == "--concept circle --method sfd --steps 1 --batch-size 2"
+    assert row["base_model"] == folder.name and row["base_model_sha256"] == sweep.folder_sha256(folder)
+    stamp = (folder / "model_index.json").stat().st_mtime_ns
+    again = sweep.run_sweep(sweep.load_config(tmp_path / "sweep.toml", output=tmp_path / "out2", cache=cache))
+    assert (folder / "model_index.json").stat().st_mtime_ns == stamp, "the cached student is reused"
+    assert again["rows"][0]["value"] == row["value"]
