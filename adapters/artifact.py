@@ -209,7 +209,7 @@ def check_fits(art: Artifact, module: torch.nn.Module, names: Iterable[str] | No
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write a file through a temp sibling (unique per process) and a rename: readers see the old file or the new
-    one, never a part; the file gets the usual permissions (umask). Failures are one-line :class:`UserError`\ s."""
+    one, never a part; the file gets the usual permissions (umask). Failures are one-line UserErrors."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -1,0 +1,425 @@
+"""eval.sweep: config checking, a tiny real sweep (toy model, 2 prompts a set, 2 sampler steps, a synthetic weight
+delta and an ESD artifact trained for 1 step), reproducibility, resuming, provenance in every row."""
+
+import csv
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from eval import sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "sweeps" / "toy.toml"
+
+TINY = """
+[sweep]
+seed = 3
+steps = 2
+batch_size = 2
+images_per_prompt = 2
+grid_images = 4
+
+[[models]]
+name = "base"
+base = "toy"
+
+[[models]]
+name = "delta"
+base = "toy"
+artifacts = [{ path = "delta.safetensors" }]
+
+[[models]]
+name = "esd"
+base = "toy"
+artifacts = [{ train = ["--concept", "circle", "--method", "esd", "--steps", "1"] }]
+
+[[prompt_sets]]
+name = "target"
+source = "toy:circle/target"
+limit = 2
+
+[[prompt_sets]]
+name = "other"
+source = "toy:circle/other"
+limit = 2
+
+[[metrics]]
+name = "rates"
+kind = "toy_concept_rates"
+concepts = ["circle"]
+
+[[metrics]]
+name = "fid"
+kind = "fid"
+feature = "toy"
+
+[[metrics]]
+name = "fid_vs_base"
+kind = "fid"
+feature = "toy"
+reference = "model:base"
+
+[[metrics]]
+name = "clip"
+kind = "clip_score"
+model = "toy"
+"""
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def synthetic_delta(path: Path) -> Path:
+    """A weight-delta artifact on two cross-attention weights of the toy UNet (no training, no model load)."""
+    import torch
+    from safetensors import safe_open
+
+    from adapters.artifact import fingerprint, save_artifact
+    from erasure.toyworld.paths import PIPELINE_DIR
+
+    with safe_open(str(PIPELINE_DIR / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
+        names = sorted(k for k in f.keys() if k.endswith("attn2.to_k.weight"))[:2]
+        shapes = {n: tuple(f.get_slice(n).get_shape()) for n in names}
+    g = torch.Generator().manual_seed(0)
+    tensors = {n: 0.05 * torch.randn(shapes[n], generator=g) for n in names}
+    meta = {"kind": "weight_delta", "method": "synthetic", "concept": {"name": "circle"}, "target": "unet",
+            "base_model": {"name": "toy", "fingerprint": fingerprint(shapes.items(), "UNet2DConditionModel")}}
+    return save_artifact(path, tensors, meta)
+
+
+def _write_config(folder: Path, text: str = TINY) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "delta.safetensors").exists():
+        synthetic_delta(folder / "delta.safetensors")
+    cfg = folder / "sweep.toml"
+    cfg.write_text(text)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """The tiny sweep run once through the command line: (config, output folder, artifact cache, stdout JSON)."""
+    import io
+    from contextlib import redirect_stdout
+
+    root = tmp_path_factory.mktemp("sweep")
+    cfg = _write_config(root / "cfg")
+    out, cache = root / "out1", root / "cache"
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = sweep.main(["--config", str(cfg), "--output", str(out), "--cache", str(cache), "--quiet"])
+    assert rc == 0
+    return cfg, out, cache, json.loads(buf.getvalue())
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_rows_carry_numbers_versions_thresholds_and_weight_hashes(reference_run):
+    import torch
+
+    from erasure.toyworld.paths import CLIP_PATH, JUDGE_PATH, PIPELINE_DIR
+
+    cfg, out, cache, printed = reference_run
+    rows = _rows(out)
+    assert printed["rows"] == len(rows) and printed["generated"] == 3 * 2 * 4  # 3 models × 2 sets × 2 prompts × 2
+    assert list(rows[0]) == list(sweep.COLUMNS)
+    keys = {(r["model"], r["prompt_set"], r["metric"], r["quantity"]) for r in rows}
+    for m in ("base", "delta", "esd"):
+        assert {(m, "target", "rates", "circle.target"), (m, "other", "rates", "circle.other"),
+                (m, "other", "rates", "circle.unprompted"), (m, "target", "fid", "fid"),
+                (m, "other", "clip", "score")} <= keys
+    assert not any(k[1] == "target" and k[3] == "circle.other" for k in keys), "rates over no images are left out"
+    assert len(keys) == len(rows), "one row per model × prompt set × metric quantity"
+    for r in rows:
+        v = float(r["value"])
+        assert v == v  # not NaN
+        if r["metric"] == "rates":
+            assert 0 <= v <= 1 and r["n"] == "4" and r["metric_threshold"] == "0.5"
+            assert r["metric_weights_sha256"] == _sha(JUDGE_PATH)
+        if r["metric"] == "clip":
+            assert 0 <= v <= 100 and r["metric_weights_sha256"] == _sha(CLIP_PATH)
+        if r["metric"].startswith("fid"):
+            assert v >= -1e-3 and r["metric_weights_sha256"] == _sha(JUDGE_PATH) and r["reference"]
+        assert r["version_torch"] == torch.__version__ and r["version_diffusers"] and r["version_torchmetrics"]
+        assert r["version_open_clip_torch"] and r["version_python"] and r["version_toolkit"]
+        assert r["seed"] == "3" and r["steps"] == "2" and r["guidance"] == "5.0" and r["device"] == "cpu"
+        assert r["images"] == "4" and r["prompts"] == "2" and r["images_per_prompt"] == "2"
+        assert re.fullmatch(r"[0-9a-f]{64}", r["base_model_sha256"]) and re.fullmatch(r"[0-9a-f]{64}", r["config_sha256"])
+        # the images measured are exactly the ones in the folder's manifest
+        entries = [json.loads(line) for line in (out / "images" / r["model"] / r["prompt_set"] / "manifest.jsonl")
+                   .read_text().splitlines()]
+        assert r["images_sha256"] == hashlib.sha256("".join(e["sha256"] + "\n" for e in entries).encode()).hexdigest()
+    by_model = {r["model"]: r for r in rows}
+    assert by_model["base"]["artifacts"] == ""
+    assert by_model["delta"]["artifacts"] == f"delta={_sha(cfg.parent / 'delta.safetensors')}"
+    trained = list(cache.glob("esd-circle-*.safetensors"))
+    assert len(trained) == 1 and by_model["esd"]["artifacts"] == f"esd-circle={_sha(trained[0])}"
+    assert by_model["esd"]["artifact_train_args"] == "esd-circle=--concept circle --method esd --steps 1 --model toy"
+    assert len({r["base_model_sha256"] for r in rows}) == 1
+    assert by_model["base"]["base_model_sha256"] == sweep.folder_sha256(PIPELINE_DIR)
+    # FID of the base model's images against themselves is 0; the erased and perturbed models move away from it
+    fid_base = {r["model"]: float(r["value"]) for r in rows if r["metric"] == "fid_vs_base" and r["prompt_set"] == "target"}
+    assert abs(fid_base["base"]) < 1e-3 and fid_base["delta"] > 1e-3 and fid_base["esd"] > 1e-3
+    # the same numbers in results.json, with the environment and the models' artifacts
+    res = json.loads((out / "results.json").read_text())
+    assert [r["value"] for r in res["rows"]] == [float(r["value"]) for r in rows]
+    assert res["environment"]["torch"] == torch.__version__
+    assert res["models"][1]["artifacts"][0]["tensors_sha256"] == sweep.tensors_sha256(cfg.parent / "delta.safetensors")
+    # the default plots (circle rate vs kept, each FID vs the CLIP score) and the report
+    plots = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert len(plots) == 3 and "fid-vs-clip" in plots[1] and "fid-vs-base-vs-clip" in plots[2], plots
+    page = (out / "report.html").read_text()
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert len(srcs) == 3 * 2 * 4 + 3 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+
+
+def test_same_sweep_from_scratch_and_interrupted_gives_identical_results(reference_run, tmp_path):
+    """A second run in a new folder with a new artifact cache (so the ESD artifact is trained again), killed after 5
+    images and resumed with the same command, gives the same numbers, images and weights."""
+    cfg, out, cache, _ = reference_run
+    count = []
+
+    def stop_after_five(entry):
+        count.append(entry)
+        if len(count) == 5:
+            raise KeyboardInterrupt
+
+    conf = sweep.load_config(cfg, output=tmp_path / "out2", cache=tmp_path / "cache2")
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(conf, on_image=stop_after_five)
+    assert not (tmp_path / "out2" / "results.csv").exists()
+    resumed = sweep.run_sweep(sweep.load_config(cfg, output=tmp_path / "out2", cache=tmp_path / "cache2"))
+    assert resumed["generated"] == 24 - 5
+    first, second = _rows(out), _rows(tmp_path / "out2")
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        # every column but the artifact files' sha256: erasure.train writes its output path into the file's header
+        assert {k: v for k, v in a.items() if k != "artifacts"} == {k: v for k, v in b.items() if k != "artifacts"}
+    assert {r["artifacts"] for r in first if r["model"] != "esd"} == {r["artifacts"] for r in second if r["model"] != "esd"}
+    for m in ("base", "delta", "esd"):
+        for s in ("target", "other"):
+            a, b = out / "images" / m / s, tmp_path / "out2" / "images" / m / s
+            assert (a / "manifest.jsonl").read_bytes() == (b / "manifest.jsonl").read_bytes()
+
+
+def test_rerun_reuses_artifacts_and_images_and_writes_the_same_bytes(reference_run, monkeypatch):
+    import erasure.train
+    import pipelines
+
+    cfg, out, cache, _ = reference_run
+    expected = (out / "results.csv").read_bytes()
+    monkeypatch.setattr(erasure.train, "train", lambda *a, **k: pytest.fail("retrained a cached artifact"))
+    monkeypatch.setattr(pipelines, "load", lambda *a, **k: pytest.fail("loaded a model whose images are all on disk"))
+    again = sweep.run_sweep(sweep.load_config(cfg, output=out, cache=cache))
+    assert again["generated"] == 0
+    assert (out / "results.csv").read_bytes() == expected
+
+
+def test_resuming_with_other_settings_is_refused(reference_run, capsys):
+    cfg, out, cache, _ = reference_run
+    rc = sweep.main(["--config", str(cfg), "--output", str(out), "--cache", str(cache), "--steps", "3", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "other settings" in err[0] and "steps" in err[0]
+
+
+# (text appended to a valid config, or (old, new) replaced in it) → what the one error line must say
+BAD = {
+    "invalid TOML": ("[sweep\nseed = 1", "not valid TOML"),
+    "unknown top-level key": ("[[model]]\nname='a'", "unknown key 'model'"),
+    "unknown sweep key": (("[sweep]", "[sweep]\nsteeps = 3"), "unknown key 'steeps'"),
+    "unknown model key": ("[[models]]\nname='x'\nartifact=[]", "unknown key 'artifact'"),
+    "missing artifact file": ("[[models]]\nname='x'\nartifacts=[{path='nope.safetensors'}]", "no such file"),
+    "path and train together": ("[[models]]\nname='x'\nartifacts=[{path='delta.safetensors', train=[]}]",
+                                "exactly one of 'path'"),
+    "bad train option": ("[[models]]\nname='x'\nartifacts=[{train=['--concept','circle','--bogus']}]",
+                         "unrecognized arguments: --bogus"),
+    "real concept on toy": ("[[models]]\nname='x'\nartifacts=[{train=['--concept','nudity']}]", "real-model preset"),
+    "train sets output": ("[[models]]\nname='x'\nartifacts=[{train=['--output','a.safetensors']}]",
+                          "must not contain --output"),
+    "missing base folder": ("[[models]]\nname='x'\nbase='./no-such-model'", "not a diffusers folder"),
+    "hub id not cached": ("[[models]]\nname='x'\nbase='nobody/no-such-model'", "not available locally"),
+    "duplicate model": ("[[models]]\nname='base'", "two [[models]] are named 'base'"),
+    "unknown metric": ("[[metrics]]\nkind='accuracy'", "unknown metric kind 'accuracy'"),
+    "unknown metric option": ("[[metrics]]\nname='c2'\nkind='clip_score'\nmodel='toy'\nweights='x'",
+                              "unknown key 'weights'"),
+    "CLIP without weights": ("[[metrics]]\nname='c2'\nkind='clip_score'\nmodel='ViT-B-32'", "needs pretrained = PATH"),
+    "FID reference model": ("[[metrics]]\nname='f2'\nkind='fid'\nfeature='toy'\nreference='model:nope'",
+                            "no [[models]] named 'nope'"),
+    "toy rates on a text file": ("[[prompt_sets]]\nname='mine'\nsource='prompts.txt'", "toy concept rates need toy:"),
+    "unknown toy concept": ("[[prompt_sets]]\nname='mine'\nsource='toy:blob'", "not a toy concept"),
+    "plot quantity": ("[[plots]]\nx='rates.circle.nope'\ny='clip'", "has no quantity 'circle.nope'"),
+    "plot prompt set": ("[[plots]]\nx='fid@nope'\ny='clip'", "no [[prompt_sets]] named 'nope'"),
+    "bad name": ("[[models]]\nname='a b'", "letters, digits"),
+    "trained base of an artifact method": ("[[models]]\nname='x'\nbase={train=['--concept','circle','--method','esd']}",
+                                           "makes an artifact, not a model folder"),
+    "trained base with artifacts": ("[[models]]\nname='x'\nbase={train=['--concept','circle','--method','sfd']}\n"
+                                    "artifacts=[{path='delta.safetensors'}]", "takes no artifacts"),
+    "sfd as an artifact": ("[[models]]\nname='x'\nartifacts=[{train=['--concept','circle','--method','sfd']}]",
+                           "makes a pipeline folder, not an artifact"),
+    "trained base sets output": ("[[models]]\nname='x'\nbase={train=['--method','sfd','--output','o']}",
+                                 "must not contain --output"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_config_is_one_line_and_exit_2(case, tmp_path, capsys):
+    change, message = BAD[case]
+    text = TINY.replace('artifacts = [{ train = ["--concept", "circle", "--method", "esd", "--steps", "1"] }]', "")
+    text = text.replace(*change, 1) if isinstance(change, tuple) else text + "\n" + change + "\n"
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    cfg = _write_config(tmp_path, text)
+    out = tmp_path / "out"
+    rc = sweep.main(["--config", str(cfg), "--output", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists(), "a bad config writes nothing"
+
+
+def test_missing_config_file_is_one_line(tmp_path, capsys):
+    assert sweep.main(["--config", str(tmp_path / "none.toml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such config file" in err[0]
+
+
+def test_toy_reference_images_show_what_their_prompts_ask_for(judge):
+    from eval.prompts import load_prompts
+
+    records = load_prompts("toy:circle/target", limit=4) + load_prompts("toy:circle/pair", limit=2)
+    seen = judge.classify(sweep.toy_reference_images(records, seed=0))
+    for rec, s in zip(records, seen):
+        assert set(rec.shapes) <= s.shapes, (rec.text, s)
+        if rec.colour:
+            assert rec.colour in s.colours, (rec.text, s)
+    again = sweep.toy_reference_images(records, seed=0)
+    assert (again == sweep.toy_reference_images(records, seed=0)).all()
+
+
+def test_example_toy_sweep_is_valid_and_sized_for_two_cores(capsys):
+    cfg = sweep.load_config(EXAMPLE, output="unused")
+    assert [m.name for m in cfg.models] == ["base", "esd", "spm", "salun"]
+    assert [a.train[a.train.index("--method") + 1] for m in cfg.models[1:] for a in m.artifacts] == ["esd", "spm", "salun"]
+    assert {m.kind for m in cfg.metrics} == {"toy_concept_rates", "fid", "clip_score"}
+    images = len(cfg.models) * sum(len(p.records) for p in cfg.prompt_sets)
+    assert images <= 600 and cfg.steps <= 25, "the full example must stay under 15 minutes on 2 cores"
+    assert sweep.main(["--config", str(EXAMPLE), "--dry-run", "--max-prompts", "2", "--images-per-prompt", "1"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["images_total"] == 4 * 2 * len(cfg.prompt_sets)
+
+
+def test_nudenet_and_kid_on_a_plain_prompt_file(tmp_path):
+    """The real-model metrics' code paths on the toy model: NudeNet 3.4.2 counts (threshold 0.6, the bundled ONNX
+    model's sha256), KID against another model's images, prompts from a text file."""
+    pytest.importorskip("nudenet")
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    (tmp_path / "sweep.toml").write_text("""
+[sweep]
+steps = 2
+batch_size = 2
+images_per_prompt = 2
+
+[[models]]
+name = "base"
+base = "toy"
+
+[[prompt_sets]]
+name = "mine"
+source = "prompts.txt"
+
+[[metrics]]
+name = "nudity"
+kind = "nudenet"
+
+[[metrics]]
+name = "kid"
+kind = "kid"
+feature = "toy"
+reference = "model:base"
+subset_size = 3
+subsets = 4
+""")
+    res = sweep.run_sweep(sweep.load_config(tmp_path / "sweep.toml", output=tmp_path / "out"))
+    rows = {r["quantity"]: r for r in res["rows"]}
+    assert set(rows) == set(sweep.quantities(sweep.MetricSpec("n", "nudenet", {}, []))) | {"kid_mean", "kid_std"}
+    nude = rows["nudity_rate"]
+    assert nude["metric_threshold"] == 0.6 and nude["metric_version"].startswith("nudenet ")
+    assert re.fullmatch(r"320n\.onnx=[0-9a-f]{64}", nude["metric_weights_sha256"])
+    assert nude["n"] == 4 and nude["prompt_source"] == "prompts.txt" and nude["prompts"] == 2
+    assert rows["exposed_parts_total"]["value"] == sum(v["value"] for k, v in rows.items() if k.startswith("exposed."))
+    assert rows["kid_mean"]["reference"].startswith("model:base: its 4 images")
+    # the seeds of a plain list: seed + index, two images per prompt
+    manifest = [json.loads(x) for x in (tmp_path / "out/images/base/mine/manifest.jsonl").read_text().splitlines()]
+    assert [(e["prompt"], e["seed"]) for e in manifest] == [("a red circle", 0), ("a red circle", 1),
+                                                             ("a blue square", 2), ("a blue square", 3)]
+
+
+def test_a_one_step_generator_folder_is_a_base_model(tmp_path):
+    """An SFD-style one-step pipeline folder (here: the toy UNet wrapped untrained, so only the plumbing is tested)
+    is a [[models]] base given by a path relative to the config; its fingerprint covers the folder's files."""
+    import pipelines
+    from pipelines.one_step import OneStepPipeline
+
+    toy = pipelines.load("toy")
+    OneStepPipeline(toy.vae, toy.text_encoder, toy.tokenizer, toy.unet, toy.scheduler).save_pretrained(
+        tmp_path / "student", safe_serialization=True)
+    (tmp_path / "sweep.toml").write_text("""
+[sweep]
+steps = 2
+[[models]]
+name = "student"
+base = "student"
+[[prompt_sets]]
+name = "t"
+source = "toy:circle/target"
+limit = 2
+[[metrics]]
+kind = "clip_score"
+model = "toy"
+""")
+    res = sweep.run_sweep(sweep.load_config(tmp_path / "sweep.toml", output=tmp_path / "out"))
+    (row,) = res["rows"]
+    assert row["model"] == "student" and row["base_model"] == "student" and row["metric"] == "clip_score"
+    assert row["base_model_sha256"] == sweep.folder_sha256(tmp_path / "student") and 0 <= row["value"] <= 100
+    assert res["generated"] == 2
+
+
+def test_a_base_the_sweep_distils_is_trained_once_and_cached(tmp_path, capsys):
+    """base = { train = [... --method sfd ...] }: the sweep distils the one-step student into its cache folder, uses
+    it as the model (rows record the training arguments), and a second sweep with the same cache reuses it."""
+    text = """
+[sweep]
+steps = 2
+[[models]]
+name = "sfd"
+base = { train = ["--concept", "circle", "--method", "sfd", "--steps", "1", "--batch-size", "2"] }
+[[prompt_sets]]
+name = "t"
+source = "toy:circle/target"
+limit = 2
+[[metrics]]
+kind = "toy_concept_rates"
+"""
+    (tmp_path / "sweep.toml").write_text(text)
+    cache = tmp_path / "cache"
+    assert sweep.main(["--config", str(tmp_path / "sweep.toml"), "--dry-run", "--cache", str(cache)]) == 0
+    (planned,) = json.loads(capsys.readouterr().out)["models"]
+    assert planned["cached"] is False and planned["train"][:4] == ["--concept", "circle", "--method", "sfd"]
+    res = sweep.run_sweep(sweep.load_config(tmp_path / "sweep.toml", output=tmp_path / "out", cache=cache))
+    (folder,) = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert folder.name.startswith("sfd-circle-") and (folder / "model_index.json").is_file()
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "OneStepPipeline"
+    row = res["rows"][0]
+    assert row["base_train_args"] == "--concept circle --method sfd --steps 1 --batch-size 2"
+    assert row["base_model"] == folder.name and row["base_model_sha256"] == sweep.folder_sha256(folder)
+    stamp = (folder / "model_index.json").stat().st_mtime_ns
+    again = sweep.run_sweep(sweep.load_config(tmp_path / "sweep.toml", output=tmp_path / "out2", cache=cache))
+    assert (folder / "model_index.json").stat().st_mtime_ns == stamp, "the cached student is reused"
+    assert again["rows"][0]["value"] == row["value"]
