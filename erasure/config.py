@@ -133,7 +133,7 @@ METHOD_CONFIGS = {"esd": ESDConfig, "spm": SPMConfig, "salun": SalUnConfig, "sfd
 # Toy-world values (measured on the toy world; see README "Toy world numbers").
 TOY_DEFAULTS = {
     "esd": {"steps": 200, "lr": 1e-4, "batch_size": 8, "ddim_steps": 25, "variant": "esd-u"},
-    "sfd": {"steps": 1000, "lr": 5e-5, "lr_fake": 1e-4, "batch_size": 32, "cfg_train_fake": 4.0, "cfg_eval_fake": 4.0,
+    "sfd": {"steps": 400, "lr": 5e-5, "lr_fake": 1e-4, "batch_size": 8, "cfg_train_fake": 4.0, "cfg_eval_fake": 4.0,
             "cfg_eval_real": 4.0},
     "spm": {"steps": 200, "lr": 5e-3, "batch_size": 4, "ddim_steps": 25, "anchor_weight": 10.0, "anchor_source": "both"},
     "salun": {"steps": 200, "lr": 1e-4, "batch_size": 16, "alpha": 0.4, "forget_images": 512, "retain_images": 4096},

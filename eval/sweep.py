@@ -913,45 +913,6 @@ def _chunks(files: Sequence[str]):
         yield i, as_uint8_nchw(list(files[i : i + CHUNK]))
 
 
-def toy_reference_images(records, seed: int, *, start: int = 0):
-    """Toy-world data images for toy prompt records: image i draws what record i asks for (its shapes, and its
-    colour / fill where named — in pair prompts read from each half of the text — else random ones), seeded by
-    (seed, i) (``start``: the index of ``records[0]``). The toy world's 'real images' for FID / KID."""
-    import numpy as np
-
-    from erasure.toyworld import data
-
-    out = []
-    for i, rec in enumerate(records, start):
-        rng = np.random.default_rng([seed, i])
-        shapes = list(rec.shapes)
-        if not shapes:
-            raise UserError(f"toy reference images need toy prompt records; {rec.text!r} names no shape")
-        if len(shapes) == 2:
-            halves = rec.text.split(" and ")
-            attrs = []
-            for half in halves if len(halves) == 2 else ["", ""]:
-                words = half.split()
-                attrs.append((next((w for w in words if w in data.COLOURS), None),
-                              next((w for w in words if w in data.FILLS), None)))
-            (c1, f1), (c2, f2) = [(c or _colour(s, rng), f or str(rng.choice(data.FILLS)))
-                                  for s, (c, f) in zip(shapes, attrs)]
-            objs = data.pair_objects(shapes[0], c1, f1, shapes[1], c2, f2, rng)
-        else:
-            colour = rec.colour or _colour(shapes[0], rng)
-            fill = rec.fill or str(rng.choice(data.FILLS))
-            objs = [data._single_obj(shapes[0], colour, fill, rng)]
-        bg = data.BACKGROUNDS[rng.integers(len(data.BACKGROUNDS))]
-        out.append(data.render(data.Scene(objs, bg, rec.text), rng))
-    return np.stack(out)
-
-
-def _colour(shape: str, rng) -> str:
-    from erasure.toyworld import data
-
-    return str(rng.choice([c for c in data.COLOURS if (shape, c) not in data.HELD_OUT]))
-
-
 class _Measure:
     """One [[metrics]] entry: its protocol facts (for every row) and, per model × set, its quantities."""
 
@@ -1099,6 +1060,8 @@ class _Measure:
         if ref == "toy-data":
             n = len(pset.records)
             desc = f"toy-data: {n} toy-world images drawn for the set's prompts, seed {self.cfg.seed}"
+            from eval.toy import toy_reference_images
+
             batches = (toy_reference_images(pset.records[i : i + CHUNK], self.cfg.seed, start=i)
                        for i in range(0, n, CHUNK))
         elif ref.startswith("model:"):

@@ -92,6 +92,47 @@ def rest_prompts(concepts: Sequence[str], seed: int = 0):
     return [p for p in base_prompts(seed)["single"] if not {p.shapes[0], p.colour, p.fill} & set(concepts)]
 
 
+def toy_reference_images(records, seed: int, *, start: int = 0):
+    """Toy-world data images for toy prompt records: image i draws what record i asks for (its shapes, and its
+    colour / fill where named — in pair prompts read from each half of the text — else random ones), seeded by
+    (seed, i) (``start``: the index of ``records[0]``). The toy world's 'real images' for FID / KID."""
+    import numpy as np
+
+    from erasure.toyworld import data
+
+    out = []
+    for i, rec in enumerate(records, start):
+        rng = np.random.default_rng([seed, i])
+        shapes = list(rec.shapes)
+        if not shapes:
+            from adapters.errors import UserError
+
+            raise UserError(f"toy reference images need toy prompt records; {rec.text!r} names no shape")
+        if len(shapes) == 2:
+            halves = rec.text.split(" and ")
+            attrs = []
+            for half in halves if len(halves) == 2 else ["", ""]:
+                words = half.split()
+                attrs.append((next((w for w in words if w in data.COLOURS), None),
+                              next((w for w in words if w in data.FILLS), None)))
+            (c1, f1), (c2, f2) = [(c or _colour(s, rng), f or str(rng.choice(data.FILLS)))
+                                  for s, (c, f) in zip(shapes, attrs)]
+            objs = data.pair_objects(shapes[0], c1, f1, shapes[1], c2, f2, rng)
+        else:
+            colour = rec.colour or _colour(shapes[0], rng)
+            fill = rec.fill or str(rng.choice(data.FILLS))
+            objs = [data._single_obj(shapes[0], colour, fill, rng)]
+        bg = data.BACKGROUNDS[rng.integers(len(data.BACKGROUNDS))]
+        out.append(data.render(data.Scene(objs, bg, rec.text), rng))
+    return np.stack(out)
+
+
+def _colour(shape: str, rng) -> str:
+    from erasure.toyworld import data
+
+    return str(rng.choice([c for c in data.COLOURS if (shape, c) not in data.HELD_OUT]))
+
+
 def _quality(expected, seen) -> dict:
     return {
         "shape": _rate([(p.shapes[0] in s.shapes, not s.shapes) for p, s in zip(expected, seen)]),
@@ -114,12 +155,25 @@ def attach_all(pipe, artifacts: Sequence[str]) -> None:
             pipelines.apply(pipe, a)
 
 
+def toy_fid(records, images, seed: int = 0) -> float:
+    """Toy FID of ``images`` (one per record) against toy-world data images drawn for the same records, on the
+    judge's 96-d features (the sweep's ``fid`` metric with ``feature = "toy"``, ``reference = "toy-data"``)."""
+    from eval.metrics import FID, as_uint8_nchw
+
+    fid = FID(feature="toy")
+    fid.update(as_uint8_nchw(toy_reference_images(records, seed)), real=True)
+    fid.update(as_uint8_nchw(images), real=False)
+    return round(float(fid.compute()), 4)
+
+
 def erasure_report(model: str, artifacts: Sequence[str], concepts: Sequence[str], judge=None, *,
-                   images_per_prompt: int = 1, seed: int = 0, steps: int = 25, guidance: float = GUIDANCE,
-                   batch_size: int = 128) -> dict:
-    """Before and after: each concept's rates (target, alias, pair) on the base model and with ``artifacts`` applied,
-    and the prompts that name none of the concepts (``rest``) — their shape / colour / fill rates, the ratio to the
-    base, and how far their images moved (mean absolute pixel difference, 0–1 scale, same seeds)."""
+                   erased_model: str | None = None, images_per_prompt: int = 1, seed: int = 0, steps: int = 25,
+                   guidance: float = GUIDANCE, batch_size: int = 128) -> dict:
+    """Before and after: each concept's rates (target, alias, pair) on the base model and on the erased one
+    (``erased_model``, default the base, with ``artifacts`` applied: an SFD student is an erased model of its own),
+    and the prompts that name none of the concepts (``rest``) — their shape / colour / fill rates, toy FID against
+    data images drawn for the same prompts, the ratios to the base, and how far their images moved (mean absolute
+    pixel difference, 0–1 scale, same seeds)."""
     import numpy as np
 
     import pipelines
@@ -128,7 +182,7 @@ def erasure_report(model: str, artifacts: Sequence[str], concepts: Sequence[str]
     judge = judge or load_judge()
     kw = dict(images_per_prompt=images_per_prompt, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size)
     rest = rest_prompts(concepts, seed)
-    pipes = {"base": pipelines.load(model), "erased": pipelines.load(model)}
+    pipes = {"base": pipelines.load(model), "erased": pipelines.load(erased_model or model)}
     attach_all(pipes["erased"], artifacts)
     report = {"concepts": {c: {} for c in concepts}, "rest": {"n_prompts": len(rest)}}
     images = {}
@@ -136,9 +190,10 @@ def erasure_report(model: str, artifacts: Sequence[str], concepts: Sequence[str]
         for c in concepts:
             report["concepts"][c][which] = concept_report(pipe, judge, c, **kw)
         exp, seen, images[which] = _judge_set(pipe, judge, rest, **kw)
-        report["rest"][which] = _quality(exp, seen)
-    report["rest"]["ratio"] = {k: round(report["rest"]["erased"][k]["rate"] / max(report["rest"]["base"][k]["rate"], 1e-9), 4)
-                               for k in ("shape", "colour", "fill")}
+        report["rest"][which] = {**_quality(exp, seen), "fid": toy_fid(exp, images[which], seed)}
+    base, erased = report["rest"]["base"], report["rest"]["erased"]
+    report["rest"]["ratio"] = {k: round(erased[k]["rate"] / max(base[k]["rate"], 1e-9), 4) for k in ("shape", "colour", "fill")}
+    report["rest"]["ratio"]["fid"] = round(erased["fid"] / max(base["fid"], 1e-9), 4)
     diff = np.abs(images["erased"].astype(np.float32) - images["base"].astype(np.float32)) / 255
     report["rest"]["mean_abs_pixel_diff"] = round(float(diff.mean()), 4)
     return report
@@ -152,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.toy", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="toy")
     p.add_argument("--artifact", action="append", default=[], help="artifact(s) to apply first (repeatable)")
+    p.add_argument("--erased-model", help="with --compare: the erased model when it is a model of its own (an SFD "
+                                          "student folder); --model is then the teacher it is compared with")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--concept", action="append", help="a toy concept: shape, colour or fill (repeatable with --compare)")
     g.add_argument("--base", action="store_true", help="measure the base world's quality")
@@ -169,8 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.compare:
             if not args.concept:
                 raise UserError("--compare needs --concept (one per erased concept)")
-            report = erasure_report(args.model, args.artifact, args.concept, judge, **kw)
+            report = erasure_report(args.model, args.artifact, args.concept, judge, erased_model=args.erased_model, **kw)
         else:
+            if args.erased_model:
+                raise UserError("--erased-model needs --compare (it is compared with --model)")
             if args.concept and len(args.concept) > 1:
                 raise UserError("several --concept values need --compare")
             pipe = pipelines.load(args.model)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from eval import sweep
+from eval.toy import toy_reference_images
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "sweeps" / "toy.toml"
@@ -294,13 +295,13 @@ def test_toy_reference_images_show_what_their_prompts_ask_for(judge):
     from eval.prompts import load_prompts
 
     records = load_prompts("toy:circle/target", limit=4) + load_prompts("toy:circle/pair", limit=2)
-    seen = judge.classify(sweep.toy_reference_images(records, seed=0))
+    seen = judge.classify(toy_reference_images(records, seed=0))
     for rec, s in zip(records, seen):
         assert set(rec.shapes) <= s.shapes, (rec.text, s)
         if rec.colour:
             assert rec.colour in s.colours, (rec.text, s)
-    again = sweep.toy_reference_images(records, seed=0)
-    assert (again == sweep.toy_reference_images(records, seed=0)).all()
+    again = toy_reference_images(records, seed=0)
+    assert (again == toy_reference_images(records, seed=0)).all()
 
 
 def test_example_toy_sweep_is_valid_and_sized_for_two_cores(capsys):

@@ -1,0 +1,20 @@
+"""eval.toy helpers: toy FID against data images, and the CLI's argument checks."""
+
+import numpy as np
+
+from eval import toy
+
+
+def test_toy_fid_is_low_for_data_images_and_high_for_noise():
+    records = toy.rest_prompts(["circle"])[:96]
+    data_again = toy.toy_reference_images(records, seed=1)  # the same prompts, other draws
+    noise = np.random.default_rng(0).integers(0, 256, data_again.shape, dtype=np.uint8)
+    same, far = toy.toy_fid(records, data_again), toy.toy_fid(records, noise)
+    assert 0 <= same < 0.2 * far, (same, far)
+    assert toy.toy_fid(records, data_again) == same, "deterministic"
+
+
+def test_erased_model_needs_compare(capsys):
+    assert toy.main(["--concept", "circle", "--erased-model", "somewhere"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --erased-model needs --compare (it is compared with --model)"]
