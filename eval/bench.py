@@ -266,8 +266,10 @@ def _pipeline(model: str, device: str):
 
 
 @torch.no_grad()
-def bench_one_step(model: str, device: str, batch: int, rounds: int, iters: int, steps: int = 25) -> dict:
-    """One-step generator vs the teacher's ``steps``-step CFG sampler, side by side (images per second)."""
+def bench_one_step(model: str, device: str, batch: int, rounds: int, iters: int, steps: int = 25,
+                   size: int | None = None) -> dict:
+    """One-step generator vs the teacher's ``steps``-step CFG sampler, side by side (images per second); ``size``:
+    the image side in pixels (default: the model's own, 32 toy, 512 sd1)."""
     from diffusers import DDPMScheduler
 
     from erasure.toyworld.models import GUIDANCE
@@ -278,19 +280,21 @@ def bench_one_step(model: str, device: str, batch: int, rounds: int, iters: int,
                               scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
     prompts = ["a red circle"] * batch
     guidance = GUIDANCE if model == "toy" else 7.5
+    side = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    hw = {"height": side, "width": side}
 
     def teacher(kind):
-        return lambda: pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type=kind)
+        return lambda: pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type=kind, **hw)
 
     def one(kind):
-        return lambda: student(prompts, output_type=kind)
+        return lambda: student(prompts, output_type=kind, **hw)
 
     noop = lambda: None  # noqa: E731
     configs = {"teacher_images": (noop, teacher("np")), "one_step_images": (noop, one("np")),
                "teacher_latents": (noop, teacher("latent")), "one_step_latents": (noop, one("latent"))}
     sec = interleaved(configs, device, rounds, iters)
     return {
-        "teacher": f"{steps}-step DDIM, CFG {guidance}",
+        "teacher": f"{steps}-step DDIM, CFG {guidance}", "image_side": side,
         "images_per_second": {k: round(batch / v, 3) for k, v in sec.items()},
         "ratio": {"one_step_vs_teacher_images": round(sec["teacher_images"] / sec["one_step_images"], 2),
                   "one_step_vs_teacher_latents": round(sec["teacher_latents"] / sec["one_step_latents"], 2)},
@@ -298,17 +302,20 @@ def bench_one_step(model: str, device: str, batch: int, rounds: int, iters: int,
 
 
 def run(models: Sequence[str], device: str = "cpu", batch: int = 2, rounds: int = 5, iters: int = 3,
-        memory: bool = True, one_step: bool = False) -> dict:
+        memory: bool = True, one_step: bool = False, only_one_step: bool = False, size: int | None = None) -> dict:
     report = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": batch,
               "rounds": rounds, "targets": TARGETS, "models": {}}
     for model in models:
         scale = 1 if model == "sd1" else 4  # the toy UNet is fast: more calls per timing
-        r = {"forward": bench_forward(model, device, batch, rounds, iters * scale),
-             "train_step": bench_train_step(model, device, batch, rounds, iters * scale)}
-        if memory:
-            r["memory"] = bench_memory(model, device, batch)
-        if one_step:
-            r["one_step"] = bench_one_step(model, device, batch, rounds, 1 if model == "sd1" else iters)
+        r = {}
+        if not only_one_step:
+            r["forward"] = bench_forward(model, device, batch, rounds, iters * scale)
+            r["train_step"] = bench_train_step(model, device, batch, rounds, iters * scale)
+            if memory:
+                r["memory"] = bench_memory(model, device, batch)
+        if one_step or only_one_step:
+            r["one_step"] = bench_one_step(model, device, batch, rounds, 1 if model == "sd1" else iters,
+                                           size=None if model == "toy" else size)
         report["models"][model] = r
     return report
 
@@ -322,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=3, help="calls per timing (×4 on the toy UNet)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--one-step", action="store_true", help="also time a one-step generator against the 25-step teacher")
+    p.add_argument("--only-one-step", action="store_true", help="time only the one-step generator against the teacher")
+    p.add_argument("--size", type=int, help="sd1 one-step timing: image side in pixels (default 512; a multiple of 8)")
     p.add_argument("--output", help="also write the JSON report here")
     p.add_argument("--peak-memory", choices=("inference", "train"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -336,8 +345,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.peak_memory:
         print(*_step_memory(models[0], args.device, args.batch, args.peak_memory))
         return 0
+    if args.size is not None and (args.size < 64 or args.size % 8):
+        print(f"error: --size {args.size}: use a multiple of 8, at least 64", file=sys.stderr)
+        return 2
     report = run(models, args.device, args.batch, args.rounds, args.iters, memory=not args.no_memory,
-                 one_step=args.one_step)
+                 one_step=args.one_step, only_one_step=args.only_one_step, size=args.size)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:

@@ -56,3 +56,18 @@ def test_one_step_generator_speed_is_reported_side_by_side():
     assert set(r["images_per_second"]) == {"teacher_images", "one_step_images", "teacher_latents", "one_step_latents"}
     assert all(v > 0 for v in r["images_per_second"].values()) and r["teacher"].startswith("25-step")
     assert set(r["ratio"]) == {"one_step_vs_teacher_images", "one_step_vs_teacher_latents"}
+
+
+def test_only_one_step_skips_the_membrane_timings(monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(bench, "bench_one_step", lambda model, *a, **k: seen.setdefault(model, k) or {"ratio": {}})
+    for fn in ("bench_forward", "bench_train_step", "bench_memory"):
+        monkeypatch.setattr(bench, fn, lambda *a, **k: pytest.fail("only the one-step timing was asked for"))
+    assert bench.main(["--models", "toy,sd1", "--only-one-step", "--size", "256"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["models"]["sd1"]) == {"one_step"}
+    assert seen["sd1"]["size"] == 256 and seen["toy"]["size"] is None, "the toy model keeps its own 32 px"
+
+
+def test_bad_size_is_one_line(capsys):
+    assert bench.main(["--models", "sd1", "--only-one-step", "--size", "100"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --size 100: use a multiple of 8, at least 64"

@@ -109,8 +109,9 @@ def override_of(prompt: str, concept: str, override: str) -> str:
 
 
 def toy_prompts(concept, n: int, seed: int, override: str | None = None):
-    """Toy world: remain prompts = captions without the concept; forget / override pairs = captions naming it and the
-    same caption with its word swapped ("a red circle" → "a red square")."""
+    """Toy world: remain prompts = captions without the concept; forget / override pairs = captions naming it (a
+    quarter of them two-object scenes, so the concept is forgotten next to other objects too) and the same caption
+    with its word swapped ("a red circle" → "a red square")."""
     import numpy as np
 
     from erasure.concepts import toy_word
@@ -118,13 +119,20 @@ def toy_prompts(concept, n: int, seed: int, override: str | None = None):
 
     rng = np.random.default_rng(seed)
     word = override or toy_word(concept, concept.override, "sfd: the override")
-    pairs = [data.sample_concept(concept.name, rng, word) for _ in range(n)]
+    named = re.compile(rf"\b{re.escape(concept.name)}\b")
+    pairs = [data.sample_concept(concept.name, rng, word) for _ in range(n - n // 4)]
+    forget, over = [s.caption for s, _ in pairs], [o for _, o in pairs]
+    while len(forget) < n:
+        scene = data.sample_pair(rng)
+        if data.contains(scene, concept.name) and named.search(scene.caption):
+            forget.append(scene.caption)
+            over.append(data.articles(named.sub(word, scene.caption)))
     remain = []
     while len(remain) < n:
         scene = data.sample_scene(rng)
         if not data.contains(scene, concept.name):
             remain.append(scene.caption)
-    return remain, [s.caption for s, _ in pairs], [o for _, o in pairs]
+    return remain, forget, over
 
 
 def real_prompts(concept, remain_file: str | None, override: str | None):
