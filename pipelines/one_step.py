@@ -39,6 +39,16 @@ class OneStepPipeline(DiffusionPipeline):
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
+    def encode_prompt(self, prompt, device=None, num_images_per_prompt: int = 1, do_classifier_free_guidance=False,
+                      negative_prompt=None, **unused) -> tuple[torch.Tensor, None]:
+        """StableDiffusionPipeline.encode_prompt's contract (what the toolkit's text helpers and membranes call):
+        (prompt_embeds, None): there is no unconditional branch to encode."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        with torch.no_grad():
+            embeds = self._encode(prompts)
+        embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        return (embeds.to(device) if device is not None else embeds), None
+
     def generate_latents(self, z: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
         """The generator's clean latents x_g from noise z (B, C, h, w), in fp32 (ᾱ conversions in fp32)."""
         t = int(self.config.init_timestep)

@@ -152,3 +152,28 @@ def test_two_processes_follow_one_process(tmp_path):
     # can flip the sign. So: almost every weight equal, and none further apart than two steps of size lr.
     assert (diff > 1e-6).float().mean() < 0.01, f"{(diff > 1e-6).float().mean():.4f} of the weights differ"
     assert diff.max() <= 2 * 3 * 1e-4
+
+
+def test_membranes_attach_to_the_one_step_student(sfd_folder, tmp_path):
+    """The same attach_membranes (facilitated transport included) works on a OneStepPipeline: a membrane changes its
+    images, gated per prompt, and detaching restores them exactly."""
+    from adapters.artifact import load_artifact, save_artifact
+
+    out = tmp_path / "star.safetensors"
+    assert main(["--concept", "star", "--method", "spm", "--steps", "1", "--ddim-steps", "2", "--output", str(out),
+                 "--quiet", "--checkpoint-every", "0"]) == 0
+    art = load_artifact(out)
+    g = torch.Generator().manual_seed(1)
+    tensors = {k: torch.randn(v.shape, generator=g) * 0.05 if "lora_up" in k else v for k, v in art.tensors.items()}
+    visible = tmp_path / "star-visible.safetensors"
+    save_artifact(visible, tensors, art.metadata, extra_strings={k: art.raw_metadata[k] for k in ("prompts", "rank", "alpha")})
+    pipe = pipelines.load(str(sfd_folder))
+    prompts = ["a red star", "a blue square"]
+    before = generate(pipe, prompts, seed=3)
+    handle = pipelines.attach_membranes(pipe, [visible])
+    gates = handle.transport.gates_for(pipe.encode_prompt(prompts)[0])[handle.names[0]]
+    assert gates[0] == pytest.approx(1.0) and gates[1] < 1.0, "the star prompt opens the membrane fully"
+    after = generate(pipe, prompts, seed=3)
+    assert abs(after.astype(int) - before.astype(int)).max() > 0
+    handle.detach()
+    assert (generate(pipe, prompts, seed=3) == before).all()
