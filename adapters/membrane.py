@@ -26,7 +26,7 @@ TARGET_BLOCK = "Transformer2DModel"  # SPM wraps every Linear / Conv2d inside th
 class MembraneBranch(nn.Module):
     """One membrane on one layer: ``lora_down`` (rank × in) and ``lora_up`` (out × rank), plus ``alpha``."""
 
-    def __init__(self, base: nn.Module, rank: int = 1, alpha: float = 1.0):
+    def __init__(self, base: nn.Module, rank: int = 1, alpha: float = 1.0, generator: torch.Generator | None = None):
         super().__init__()
         if isinstance(base, nn.Conv2d):
             self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
@@ -34,7 +34,7 @@ class MembraneBranch(nn.Module):
         else:
             self.lora_down = nn.Linear(base.in_features, rank, bias=False)
             self.lora_up = nn.Linear(rank, base.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.lora_up.weight)
         self.rank = rank
         self.register_buffer("alpha", torch.tensor(float(alpha)))
@@ -74,10 +74,10 @@ class MembraneLayer(nn.Module):
         self.gates: dict[str, float | torch.Tensor] = {}
         self.merged: dict[str, float] = {}  # name → the γ it was merged with
 
-    def add(self, name: str, rank: int = 1, alpha: float = 1.0) -> MembraneBranch:
+    def add(self, name: str, rank: int = 1, alpha: float = 1.0, generator: torch.Generator | None = None) -> MembraneBranch:
         if name in self.membranes:
             raise ValueError(f"membrane {name!r} is already attached here")
-        self.membranes[name] = MembraneBranch(self.base_layer, rank, alpha)
+        self.membranes[name] = MembraneBranch(self.base_layer, rank, alpha, generator)
         self.gates[name] = 1.0
         return self.membranes[name]
 
@@ -172,8 +172,10 @@ def membrane_layers(unet: nn.Module) -> dict[str, MembraneLayer]:
     return {n: m for n, m in unet.named_modules() if isinstance(m, MembraneLayer)}
 
 
-def attach(unet: nn.Module, name: str, rank: int = 1, alpha: float = 1.0, layers: Iterable[str] | None = None) -> dict[str, MembraneBranch]:
-    """Attach a membrane called ``name`` to every target layer (or the given paths) → {path: branch}."""
+def attach(unet: nn.Module, name: str, rank: int = 1, alpha: float = 1.0, layers: Iterable[str] | None = None,
+           generator: torch.Generator | None = None) -> dict[str, MembraneBranch]:
+    """Attach a membrane called ``name`` to every target layer (or the given paths) → {path: branch}. ``generator``
+    seeds the lora_down initialisation (training is then reproducible; lora_up starts at zero either way)."""
     targets = target_layers(unet)
     paths = list(layers) if layers is not None else list(targets)
     wrapped = membrane_layers(unet)
@@ -183,7 +185,7 @@ def attach(unet: nn.Module, name: str, rank: int = 1, alpha: float = 1.0, layers
         if layer is None:
             layer = MembraneLayer(targets[path])
             _set_submodule(unet, path, layer)
-        branches[path] = layer.add(name, rank, alpha)
+        branches[path] = layer.add(name, rank, alpha, generator)
     return branches
 
 

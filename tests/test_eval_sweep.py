@@ -306,14 +306,16 @@ def test_toy_reference_images_show_what_their_prompts_ask_for(judge):
 
 def test_example_toy_sweep_is_valid_and_sized_for_two_cores(capsys):
     cfg = sweep.load_config(EXAMPLE, output="unused")
-    assert [m.name for m in cfg.models] == ["base", "esd", "spm", "salun"]
+    assert [m.name for m in cfg.models] == ["base", "esd", "spm", "salun", "sfd"]
     assert [a.train[a.train.index("--method") + 1] for m in cfg.models[1:] for a in m.artifacts] == ["esd", "spm", "salun"]
+    sfd = cfg.models[-1]
+    assert sfd.train[sfd.train.index("--method") + 1] == "sfd" and not sfd.artifacts
     assert {m.kind for m in cfg.metrics} == {"toy_concept_rates", "fid", "clip_score"}
-    images = len(cfg.models) * sum(len(p.records) for p in cfg.prompt_sets)
-    assert images <= 600 and cfg.steps <= 25, "the full example must stay under 15 minutes on 2 cores"
+    sampled = 4 * sum(len(p.records) for p in cfg.prompt_sets)  # the SFD student's images take one UNet call each
+    assert sampled <= 600 and cfg.steps <= 25, "the full example must stay under 15 minutes on 2 cores"
     assert sweep.main(["--config", str(EXAMPLE), "--dry-run", "--max-prompts", "2", "--images-per-prompt", "1"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["images_total"] == 4 * 2 * len(cfg.prompt_sets)
+    assert plan["images_total"] == 5 * 2 * len(cfg.prompt_sets)
 
 
 def test_nudenet_and_kid_on_a_plain_prompt_file(tmp_path):

@@ -162,3 +162,19 @@ def test_plain_diffusers_gives_the_toy_images_our_loader_gives(tmp_path):
     a, b, base = images(ours), images(theirs), images(pipelines.load("toy"))
     assert abs(a - base).max() > 0.05, "the membrane changes the images"
     assert abs(a - b).max() <= 1e-4
+
+
+def test_training_is_reproducible_from_the_seed(tmp_path):
+    """The membrane's lora_down initialisation comes from --seed (it used to come from torch's global RNG, so two
+    runs with the same seed trained different membranes)."""
+    argv = ["--concept", "circle", "--model", "toy", "--method", "spm", "--steps", "2", "--ddim-steps", "2", "--quiet",
+            "--checkpoint-every", "0"]
+    outs = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    torch.manual_seed(123)
+    assert main([*argv, "--output", str(outs[0])]) == 0
+    torch.manual_seed(456)  # another global RNG state: no effect
+    assert main([*argv, "--output", str(outs[1])]) == 0
+    assert main([*argv, "--seed", "1", "--output", str(outs[2])]) == 0
+    a, b, c = (load_artifact(o).tensors for o in outs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if "lora_down" in k), "another seed, another membrane"

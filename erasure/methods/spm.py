@@ -57,7 +57,8 @@ class SPM:
         self.pipe, self.concept, self.config, self.run = pipe, concept, config, run
         self.unet = pipe.unet
         self.unet.requires_grad_(False)
-        branches = membrane.attach(self.unet, MEMBRANE, rank=config.rank, alpha=config.alpha)
+        init = torch.Generator().manual_seed(run.seed)  # the membrane's lora_down init: same seed, same membrane
+        branches = membrane.attach(self.unet, MEMBRANE, rank=config.rank, alpha=config.alpha, generator=init)
         self.params = {f"{p}.{k}": v for p, b in branches.items() for k, v in b.named_parameters()}
         self.sampler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.targets = encode(pipe, list(concept.prompts))  # (P, L, D)
