@@ -21,36 +21,14 @@ import io
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from adapters.artifact import write_text_atomic
+from adapters.artifact import write_bytes_atomic, write_text_atomic
 from adapters.errors import UserError
 
 PLOTS_DIR = "plots"
 PLOT_INDEX = "index.json"
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; these are ordinary files
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _cell(v) -> str:
@@ -97,7 +75,7 @@ def write_plots(output: str | os.PathLike, results: dict) -> list[Path]:
     for name, spec, png in rendered:
         entry = {**spec, "file": name if png is not None else None}
         if png is not None:
-            _write_bytes_atomic(folder / name, png)
+            write_bytes_atomic(folder / name, png)
             written.append(folder / name)
         else:
             entry["note"] = "no model has both values"

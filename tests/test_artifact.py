@@ -37,6 +37,18 @@ def test_pickle_files_are_refused_without_unpickling(tmp_path):
     torch.save({"w": torch.zeros(2)}, pt)
     with pytest.raises(UserError, match="pickle"):
         load_artifact(pt)
+    # a pickle that would run code when unpickled (here: create a marker file) is refused before any unpickling
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    hostile = tmp_path / "hostile.safetensors"
+    hostile.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UserError, match="pickle"):
+        load_artifact(hostile)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("cut", [0, 4, 20, -3])
