@@ -50,3 +50,20 @@ def test_sigkill_during_training_then_resume_is_bit_identical(tmp_path):
     assert a.tensors.keys() == b.tensors.keys()
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
     assert not ckpt.exists(), "the checkpoint is removed once the artifact is written"
+
+
+def test_no_code_execution_paths_in_the_sources():
+    """No pickle, no torch.load without weights_only=True, no trust_remote_code / custom_pipeline anywhere in the
+    packages: loading a file can never run code from it."""
+    import re
+
+    offenders = []
+    for pkg in ("erasure", "adapters", "pipelines", "eval"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                code = line.split("#", 1)[0]
+                bad = re.search(r"\bimport pickle\b|\bpickle\.loads?\(|\bdill\b|trust_remote_code\s*=\s*True|"
+                                r"custom_pipeline\s*=", code)
+                if bad or ("torch.load(" in code and "weights_only=True" not in code):
+                    offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
