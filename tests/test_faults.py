@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from adapters.artifact import load_artifact
@@ -26,6 +27,7 @@ def _train(out: Path, *extra) -> subprocess.Popen:
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow  # three toy trainings in subprocesses (≈ 50 s)
 def test_sigkill_during_training_then_resume_is_bit_identical(tmp_path):
     full = tmp_path / "full.safetensors"
     assert _train(full).wait(timeout=300) == 0
