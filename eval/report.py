@@ -178,6 +178,20 @@ def _summary_tables(results: dict) -> str:
     return "".join(out)
 
 
+def _attacks_html(results: dict) -> str:
+    """Models × attacks: the pre-attack rate and each attack's success rate (higher = the concept came back)."""
+    rows = [r for r in results["rows"] if r["metric"] == "attack"]
+    keys = list(dict.fromkeys(r["quantity"] for r in rows))
+    by = {(r["model"], r["quantity"]): r for r in rows}
+    body = []
+    for m in dict.fromkeys(r["model"] for r in rows):
+        body.append([f"<th>{_e(m)}</th>", *(_td(by[(m, k)]["value"], True, f"n = {by[(m, k)]['n']}")
+                                            if (m, k) in by else "<td></td>" for k in keys)])
+    return ('<p class="meta">Attack success rate: the fraction of the attack\'s images in which the judge sees the '
+            'concept (pre_attack: the model on the concept\'s own prompts).</p>'
+            + _table(["model", *(_e(k) for k in keys)], body, "summary"))
+
+
 def _grids(output: Path, results: dict, thumb: int) -> str:
     k = int(results.get("grid_images", 8))
     if k <= 0:
@@ -288,6 +302,7 @@ def render_html(output: str | os.PathLike, results: dict, *, thumb: int = 96) ->
         f'<p class="meta">config <code>{_e(results.get("config_file", ""))}</code> · config sha256 '
         f'<span class="hash">{_e(results.get("config_sha256", ""))}</span><br>{_e(settings)}</p>',
         "<h2>Results</h2>", _summary_tables(results),
+        *(["<h2>Attacks</h2>", _attacks_html(results)] if any(r["metric"] == "attack" for r in results["rows"]) else []),
         "<h2>Plots</h2>", _plots_html(output),
         "<h2>Images</h2>", '<p class="meta">Same prompt and seed in each column; the first images of every set.</p>',
         _grids(output, results, thumb),

@@ -54,6 +54,14 @@ deterministic; CUDA kernels need not be). Config format (every relative path is 
     concepts = ["circle"]
     # prompt_sets = ["target"]   # measure only these sets (default: all)
 
+    [[attacks]]                  # optional: attack the models (eval.attacks) → rows of prompt set "attack"
+    concept = "circle"           # the erased concept (a toy concept, or nudity with phrasings = FILE)
+    attacks = ["alias_search", "ring_a_bell"]   # default: all (alias_search, concept_arithmetic, ring_a_bell,
+                                                #   unlearndiffatk)
+    budget = "default"           # or "small" (a smoke-test budget)
+    models = ["esd", "spm"]      # default: every model
+    # phrasings = "file.txt"     # candidate phrasings (required for nudity)
+
     [[plots]]                    # optional; without any, default plots are made
     title = "circle: erased vs kept"
     x = "rates.circle.other@other"    # NAME.QUANTITY[@PROMPT_SET]
@@ -103,7 +111,8 @@ FORMAT = "eval.sweep/1"
 
 SWEEP_KEYS = {"seed", "steps", "guidance", "batch_size", "images_per_prompt", "max_prompts", "scheduler", "dtype",
               "device", "negative_prompt", "output", "cache", "grid_images", "title"}
-TOP_KEYS = {"sweep", "models", "prompt_sets", "metrics", "plots"}
+TOP_KEYS = {"sweep", "models", "prompt_sets", "metrics", "plots", "attacks"}
+ATTACK_KEYS = {"concept", "attacks", "budget", "models", "phrasings"}
 MODEL_KEYS = {"name", "base", "artifacts"}
 ARTIFACT_KEYS = {"path", "train", "name"}
 PROMPT_KEYS = {"name", "source", "limit", "category", "min_nudity"}
@@ -177,6 +186,15 @@ class MetricSpec:
 
 
 @dataclass
+class AttackSpec:
+    concept: str
+    attacks: list[str]
+    budget: str
+    models: list[str]
+    phrasings: Path | None = None
+
+
+@dataclass
 class PlotSpec:
     title: str
     x: str
@@ -204,12 +222,13 @@ class SweepConfig:
     prompt_sets: list[PromptSetSpec] = field(default_factory=list)
     metrics: list[MetricSpec] = field(default_factory=list)
     plots: list[PlotSpec] = field(default_factory=list)
+    attacks: list[AttackSpec] = field(default_factory=list)
 
     def resolved(self) -> dict:
         """What decides the numbers: recorded in results.json and hashed into every row's ``config_sha256``. Files
         appear by name only (no output, cache or checkout paths), so the same config hashes alike anywhere; their
         contents are fingerprinted in the rows (artifact, weights, prompt and image sha256)."""
-        return {
+        out = {
             "seed": self.seed, "steps": self.steps, "guidance": self.guidance, "batch_size": self.batch_size,
             "images_per_prompt": self.images_per_prompt, "max_prompts": self.max_prompts, "scheduler": self.scheduler,
             "dtype": self.dtype or "fp32", "device": self.device, "negative_prompt": self.negative_prompt,
@@ -221,6 +240,10 @@ class SweepConfig:
             "metrics": [{"name": m.name, "kind": m.kind, "prompt_sets": m.prompt_sets, **_jsonable(m.options)}
                         for m in self.metrics],
         }
+        if self.attacks:  # (absent without [[attacks]]: older configs keep their hash)
+            out["attacks"] = [{"concept": a.concept, "attacks": a.attacks, "budget": a.budget, "models": a.models,
+                               "phrasings": a.phrasings.name if a.phrasings else None} for a in self.attacks]
+        return out
 
 
 def _label(source: str) -> str:
@@ -345,7 +368,35 @@ def load_config(path: str | os.PathLike, *, output: str | os.PathLike | None = N
     cfg.prompt_sets = _read_prompt_sets(file, top.get("prompt_sets", list), cfg)
     cfg.metrics = _read_metrics(file, top.get("metrics", list), cfg)
     cfg.plots = _read_plots(file, top.get("plots", list, []), cfg)
+    cfg.attacks = _read_attacks(file, top.get("attacks", list, []), cfg)
     return cfg
+
+
+def _read_attacks(file: Path, tables, cfg: SweepConfig) -> list[AttackSpec]:
+    from erasure.concepts import resolve
+    from eval.attacks import ATTACKS
+
+    out, models = [], [m.name for m in cfg.models]
+    for i, t in enumerate(tables, 1):
+        r = _Reader(file, f"[[attacks]] #{i}", t, ATTACK_KEYS, ("concept",))
+        concept = r.get("concept", str)
+        try:
+            resolve(concept)
+        except UserError as e:
+            r.fail(str(e))
+        names = r.strings("attacks", list(ATTACKS))
+        bad = [n for n in names if n not in ATTACKS]
+        if bad:
+            r.fail(f"unknown attack '{bad[0]}' (known: {', '.join(ATTACKS)})")
+        budget = r.get("budget", str, "default")
+        if budget not in ("default", "small"):
+            r.fail(f"budget must be \"default\" or \"small\", not {budget!r}")
+        chosen = r.strings("models", models)
+        unknown = [m for m in chosen if m not in models]
+        if unknown:
+            r.fail(f"no [[models]] named '{unknown[0]}' (known: {', '.join(models)})")
+        out.append(AttackSpec(concept, names, budget, chosen, r.path("phrasings")))
+    return out
 
 
 def _check_runtime(cfg: SweepConfig, file: Path) -> None:
@@ -1126,6 +1177,81 @@ def measure_all(cfg: SweepConfig, infos: dict, env: dict, *, quiet: bool = True)
     return [{c: row.get(c, "") for c in COLUMNS} for row in rows]
 
 
+def _attack_settings(cfg: SweepConfig, spec: AttackSpec, m: ModelSpec, info: dict, guidance: float) -> dict:
+    return {"concept": spec.concept, "attacks": spec.attacks, "budget": spec.budget, "seed": cfg.seed,
+            "steps": cfg.steps, "guidance": guidance, "base_sha256": info["base_sha256"],
+            "artifacts": [a["tensors_sha256"] for a in info["artifacts"]],
+            "phrasings": file_sha256(spec.phrasings) if spec.phrasings else None}
+
+
+def _attack_model(cfg: SweepConfig, spec: AttackSpec, m: ModelSpec, guidance: float, base_id: str,
+                  quiet: bool) -> dict:
+    from types import SimpleNamespace
+
+    import pipelines
+    from eval.attack import build_target
+    from eval.attacks import run_attacks
+    from eval.toy import attach_all
+
+    pipe = pipelines.load(m.base, dtype=cfg.dtype, device=cfg.device, scheduler=cfg.scheduler)
+    attach_all(pipe, [str(a.path) for a in m.artifacts])
+    base = pipe if not m.artifacts and base_id == m.base else \
+        pipelines.load(base_id, dtype=cfg.dtype, device=cfg.device, scheduler=cfg.scheduler)
+    args = SimpleNamespace(concept=spec.concept, seed=cfg.seed, phrasings=spec.phrasings)
+    target = build_target(args, pipe, base, base_id)
+    res = run_attacks(target, spec.attacks, steps=cfg.steps, guidance=guidance, budget=spec.budget,
+                      batch_size=cfg.batch_size, progress=not quiet)
+    return {"pre_attack_rate": res["pre_attack_rate"], "pre_attack_n": len(target.prompts),
+            "attacks": {n: r.summary() for n, r in res["attacks"].items()}}
+
+
+def attack_all(cfg: SweepConfig, infos: dict, env: dict, config_sha: str, *, quiet: bool = True) -> list[dict]:
+    """Every ``[[attacks]]`` entry on its models → tidy rows (prompt set ``attack``, metric ``attack``; quantities
+    ``CONCEPT.pre_attack`` and ``CONCEPT.ATTACK`` = its ASR). Each model's result is kept in
+    ``OUTPUT/attacks/MODEL-CONCEPT.json`` with the settings that decide it, and reused while they match."""
+    from adapters.artifact import write_text_atomic
+    from eval.attack import teacher_of
+
+    rows = []
+    for spec in cfg.attacks:
+        for name in spec.models:
+            m = next(x for x in cfg.models if x.name == name)
+            info = infos[name]
+            base_id = teacher_of(m.base) or m.base
+            guidance = cfg.guidance if cfg.guidance is not None else _guidance(cfg, ModelSpec(m.name, base_id))
+            settings = _attack_settings(cfg, spec, m, info, guidance)
+            cache = cfg.output / "attacks" / f"{name}-{re.sub(r'[^A-Za-z0-9_-]+', '_', spec.concept)}.json"
+            res = None
+            if cache.is_file():
+                try:
+                    old = json.loads(cache.read_text())
+                    res = old["result"] if old.get("settings") == settings else None
+                except (OSError, ValueError, KeyError, TypeError):
+                    res = None
+            if res is None:
+                _log(quiet, f"sweep: attacking '{name}' ({spec.concept}: {', '.join(spec.attacks)})")
+                res = _attack_model(cfg, spec, m, guidance, base_id, quiet)
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(cache, json.dumps({"settings": settings, "result": res}, indent=2))
+            common = {
+                "model": name, "prompt_set": "attack", "metric": "attack", "metric_kind": "attack",
+                "metric_protocol": f"eval.attacks, budget {spec.budget}; ASR on evaluation seeds",
+                "base_model": info["base"], "base_model_sha256": info["base_sha256"],
+                "base_train_args": " ".join(info["base_train"] or ()),
+                "artifacts": ";".join(f"{a['name']}={a['sha256']}" for a in info["artifacts"]),
+                "artifact_tensors_sha256": ";".join(f"{a['name']}={a['tensors_sha256']}" for a in info["artifacts"]),
+                "seed": cfg.seed, "steps": cfg.steps, "guidance": guidance, "device": cfg.device,
+                "version_toolkit": env["toolkit"], "version_python": env["python"],
+                **{f"version_{k.replace('-', '_')}": env[k.replace("-", "_")] for k in VERSIONED_PACKAGES},
+                "config_sha256": config_sha,
+            }
+            rows.append({**common, "quantity": f"{spec.concept}.pre_attack", "value": round(res["pre_attack_rate"], 4),
+                         "n": res["pre_attack_n"]})
+            for a, r in res["attacks"].items():
+                rows.append({**common, "quantity": f"{spec.concept}.{a}", "value": r["asr"], "n": r["n"]})
+    return [{c: row.get(c, "") for c in COLUMNS} for row in rows]
+
+
 def _prompts_sha(p: PromptSetSpec) -> str:
     return hashlib.sha256(json.dumps([[r.text, r.seed, r.guidance] for r in p.records]).encode()).hexdigest()
 
@@ -1148,6 +1274,8 @@ def run_sweep(cfg: SweepConfig, *, quiet: bool = True, on_image: Callable | None
     gen = generate_all(cfg, infos, quiet=quiet, on_image=on_image)
     env = environment()
     rows = measure_all(cfg, infos, env, quiet=quiet)
+    config_sha = hashlib.sha256(json.dumps(cfg.resolved(), sort_keys=True).encode()).hexdigest()
+    rows += attack_all(cfg, infos, env, config_sha, quiet=quiet)
     results = {
         "format": FORMAT, "title": cfg.title or f"Sweep {cfg.path.name}", "config_file": cfg.path.name,
         "config": cfg.resolved(), "config_sha256": rows[0]["config_sha256"] if rows else "",

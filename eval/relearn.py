@@ -1,0 +1,157 @@
+"""Relearning: fine-tune an erased model on a few images of its erased concept and count the steps until the concept
+comes back (its rate on the concept's prompts passes 50 %), as FreezeAsGuard and follow-ups measure.
+
+    python -m eval.relearn --model toy --artifact circle-esd.safetensors --concept circle
+    python -m eval.relearn --model students/circle-sfd --concept circle          # a one-step student
+
+The attacker fine-tunes every UNet weight (membranes included) with AdamW on N toy-world data images of the concept
+captioned with the concept's prompts: the diffusion loss ‖ε_θ(x_t, t, c) − ε‖² for a multi-step model, the
+generator's regression loss ‖x_g(z, c) − x₀‖² for a one-step student (it has no other training signal without a
+teacher). Every ``every`` steps the concept rate is measured with the judge on the concept's prompts (fixed seeds);
+``steps_to_relearn`` is the first measured step where it passes the threshold (None: not within ``max_steps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from adapters.errors import UserError
+from eval.attacks import EVAL_OFFSET, Sampler, is_one_step
+
+
+def relearn_loss(pipe, x0: torch.Tensor, cond: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One fine-tuning loss on clean latents x0 (B, C, h, w) with text conditioning cond (B, L, D)."""
+    unet = pipe.unet
+    noise = torch.randn(x0.shape, generator=gen)
+    if is_one_step(pipe):
+        t = int(pipe.config.init_timestep)
+        a = pipe.scheduler.alphas_cumprod[t].float()
+        x = (1 - a).sqrt() * noise
+        eps = unet(x.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
+        return ((x - (1 - a).sqrt() * eps) / a.sqrt() - x0).pow(2).mean()
+    t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+    x_t = pipe.scheduler.add_noise(x0, noise, t)
+    return (unet(x_t.to(unet.dtype), t, cond.to(unet.dtype)).sample.float() - noise).pow(2).mean()
+
+
+def relearn(pipe, latents: torch.Tensor, captions: Sequence[str], measure: Callable[[object], float], *,
+            max_steps: int = 200, every: int = 10, lr: float = 1e-4, batch_size: int = 4, threshold: float = 0.5,
+            seed: int = 0, progress: bool = False) -> dict:
+    """Fine-tune ``pipe.unet`` on (latents, captions) until ``measure(pipe)`` > threshold → the curve and the step."""
+    from eval.attacks import _frozen
+
+    sampler = Sampler(pipe)
+    cond_all = sampler.embed(list(captions))
+    gen = torch.Generator().manual_seed(seed)
+    params = [p for p in pipe.unet.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    curve = [(0, measure(pipe))]
+    found = 0 if curve[0][1] > threshold else None
+    bar = tqdm(total=max_steps, desc="relearn", disable=not progress)
+    step = 0
+    with _frozen(pipe.text_encoder):
+        while found is None and step < max_steps:
+            pipe.unet.train()
+            idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
+            loss = relearn_loss(pipe, latents[idx], cond_all[idx], gen)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update(1)
+            if step % every == 0:
+                pipe.unet.eval()
+                curve.append((step, measure(pipe)))
+                if curve[-1][1] > threshold:
+                    found = step
+    bar.close()
+    pipe.unet.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return {"steps_to_relearn": found, "curve": [[s, round(r, 4)] for s, r in curve], "max_steps": max_steps,
+            "every": every, "lr": lr, "batch_size": batch_size, "threshold": threshold, "images": len(latents)}
+
+
+def toy_relearn(pipe, concept: str, *, images: int = 16, measure_prompts: int = 16, steps: int = 25,
+                guidance: float | None = None, seed: int = 0, judge=None, **kwargs) -> dict:
+    """Relearning on the toy world: ``images`` data images of the concept (drawn for its target prompts and captioned
+    with them), the concept rate measured on ``measure_prompts`` of those prompts (one image each, fixed seeds)."""
+    from erasure.toyworld import load_judge
+    from erasure.toyworld import prompts as toy_prompts
+    from erasure.toyworld.models import GUIDANCE
+    from eval.toy import toy_reference_images
+
+    judge = judge or load_judge()
+    records = toy_prompts(concept, seed)["target"]
+    train = [records[i % len(records)] for i in range(images)]
+    pixels = torch.from_numpy(toy_reference_images(train, seed + 7)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    vae = pipe.vae
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
+    texts = [r.text for r in records[:measure_prompts]]
+    seeds = [seed + EVAL_OFFSET + i for i in range(len(texts))]
+    g = float(GUIDANCE) if guidance is None else guidance
+
+    def measure(p) -> float:
+        imgs = Sampler(p, steps=steps, guidance=g, batch_size=64).prompt_images(texts, seeds)
+        return float(np.mean([s.has(concept) for s in judge.classify(imgs)]))
+
+    return relearn(pipe, latents, [r.text for r in train], measure, seed=seed, **kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.relearn", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="toy")
+    p.add_argument("--artifact", action="append", default=[], help="erasure artifact(s) to apply (repeatable)")
+    p.add_argument("--concept", required=True, help="a toy concept")
+    p.add_argument("--images", type=int, default=16, help="concept images the attacker fine-tunes on")
+    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--every", type=int, default=10, help="measure the concept rate every N steps")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        import pipelines
+        from erasure.concepts import TOY_MODEL, resolve
+        from eval.toy import attach_all
+
+        if min(args.images, args.max_steps, args.every, args.batch_size) < 1 or args.lr <= 0:
+            raise UserError("--images, --max-steps, --every and --batch-size must be ≥ 1 and --lr > 0")
+        if not resolve(args.concept, TOY_MODEL).is_toy:
+            raise UserError(f"relearning is measured on the toy world; '{args.concept}' is not a toy concept")
+        from adapters.artifact import load_artifact
+
+        for a in args.artifact:
+            load_artifact(a)
+        if args.quiet:
+            from eval.sweep import _quiet_libraries
+
+            _quiet_libraries()
+        t0 = time.time()
+        pipe = pipelines.load(args.model)
+        attach_all(pipe, args.artifact)
+        res = toy_relearn(pipe, args.concept, images=args.images, max_steps=args.max_steps, every=args.every,
+                          lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    res = {"model": args.model, "artifacts": args.artifact, "concept": args.concept, **res,
+           "seconds": round(time.time() - t0, 1)}
+    print(json.dumps(res, indent=None if args.quiet else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
