@@ -211,6 +211,10 @@ def _write_json(path: Path, obj) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         run, concept, mcfg = resolve(argv)
+        if run.quiet:
+            from pipelines.load import quiet_loading
+
+            quiet_loading()
         if run.dry_run:
             print(json.dumps({"run": asdict(run), run.method: asdict(mcfg), "concept": asdict(concept)}, indent=2))
             return 0

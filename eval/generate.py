@@ -235,6 +235,18 @@ def _make_folder(output) -> Path:
     return out
 
 
+def _check_output(out: Path) -> None:
+    """Refuse an output folder that cannot be made or written, without making it (the CLI makes it only once the
+    model and its artifacts have loaded, so a refused run leaves nothing behind)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create output folder {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create output folder {out}: {existing} is not writable")
+
+
 def _write_png(path: Path, image: np.ndarray) -> str:
     """Write one image atomically (:func:`adapters.artifact.write_bytes_atomic`); returns the file's sha256."""
     from PIL import Image
@@ -305,6 +317,10 @@ def _shards(args, state) -> tuple[int, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.quiet:
+        from pipelines.load import quiet_loading
+
+        quiet_loading()
     try:
         return _main(args)
     except UserError as e:
@@ -316,6 +332,7 @@ def _main(args) -> int:
     from accelerate import PartialState
 
     import pipelines
+    from adapters.artifact import load_artifact
     from eval.prompts import load_prompts
     from eval.toy import attach_all
 
@@ -326,12 +343,17 @@ def _main(args) -> int:
     device = args.device or (None if state.device.type == "cpu" else state.device)
     info = {"model": str(args.model), "scheduler": args.scheduler, "dtype": args.dtype,  # artifacts checked first
             "artifacts": [[Path(a).name, _file_sha256(a)] for a in args.artifact]}
+    arts = [load_artifact(a) for a in args.artifact]  # a bad file is refused before anything is loaded or written
     guidance = args.guidance if args.guidance is not None else _default_guidance(args.model)
-    jobs = plan(records, seed=args.seed, guidance=guidance)  # refuse a mismatched folder before loading the model
+    jobs = plan(records, seed=args.seed, guidance=guidance)
     settings = _settings(jobs, args.seed, args.steps, guidance, args.negative_prompt, {}, info)
-    _check_run(_make_folder(args.output), settings, args.batch_size)
+    out = Path(args.output)
+    _check_output(out)
+    if (out / RUN_FILE).exists():  # refuse a mismatched folder before loading the model
+        _check_run(out, settings, args.batch_size)
     pipe = pipelines.load(args.model, dtype=args.dtype, device=device, scheduler=args.scheduler)
-    attach_all(pipe, args.artifact)
+    attach_all(pipe, arts)  # a file made for another base model is refused here, before the folder is written to
+    _check_run(_make_folder(out), settings, args.batch_size)
     result = generate_to_folder(pipe, records, args.output, seed=args.seed, steps=args.steps, guidance=guidance,
                                 batch_size=args.batch_size, negative_prompt=args.negative_prompt, shard_index=index,
                                 num_shards=count, run_info=info, finalise_when_done=False,

@@ -874,6 +874,24 @@ def train_artifacts(cfg: SweepConfig, *, quiet: bool = True) -> None:
             done.add(a.path)
 
 
+def check_artifacts_fit(cfg: SweepConfig) -> None:
+    """Load each model that has artifact files and images still to make, and put its files on: one made for another
+    base model is refused now, before anything is trained or written (not after the models before it have run)."""
+    import pipelines
+    from eval.generate import read_manifest
+    from eval.toy import attach_all
+
+    for m in cfg.models:
+        files = [str(a.path) for a in m.artifacts if a.train is None]
+        if not files or all(_folder(cfg, m.name, p.name).is_dir() and [e["index"] for e in read_manifest(
+                _folder(cfg, m.name, p.name))] == list(range(len(p.records))) for p in cfg.prompt_sets):
+            continue
+        pipe = pipelines.load(m.base, dtype=cfg.dtype)  # on the CPU: only the shapes matter
+        attach_all(pipe, files)
+        del pipe
+        gc.collect()
+
+
 def _model_info(cfg: SweepConfig, m: ModelSpec, hashes: Path) -> dict:
     from adapters.artifact import load_artifact
     from pipelines.load import _resolve_folder
@@ -1264,6 +1282,7 @@ def run_sweep(cfg: SweepConfig, *, quiet: bool = True, on_image: Callable | None
     from eval import report as rep
 
     t0 = time.time()
+    check_artifacts_fit(cfg)
     try:
         cfg.output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -1347,11 +1366,9 @@ def plan_summary(cfg: SweepConfig) -> dict:
 
 def _quiet_libraries() -> None:
     """--quiet: no diffusers / transformers loading bars either."""
-    import diffusers.utils.logging
-    import transformers.utils.logging
+    from pipelines.load import quiet_loading
 
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_loading()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -141,12 +141,13 @@ def _quality(expected, seen) -> dict:
     }
 
 
-def attach_all(pipe, artifacts: Sequence[str]) -> None:
-    """Membranes go on together (one facilitated-transport gate per membrane and prompt); other kinds one by one."""
+def attach_all(pipe, artifacts: Sequence) -> None:
+    """Membranes go on together (one facilitated-transport gate per membrane and prompt); other kinds one by one.
+    ``artifacts``: paths or loaded :class:`~adapters.artifact.Artifact` objects."""
     import pipelines
-    from adapters.artifact import load_artifact
+    from adapters.artifact import Artifact, load_artifact
 
-    arts = [load_artifact(a) for a in artifacts]
+    arts = [a if isinstance(a, Artifact) else load_artifact(a) for a in artifacts]
     membranes = [a for a in arts if a.kind == "membrane"]
     if membranes:
         pipelines.attach_membranes(pipe, membranes, transport=True)
@@ -201,8 +202,9 @@ def erasure_report(model: str, artifacts: Sequence[str], concepts: Sequence[str]
 
 def main(argv: Sequence[str] | None = None) -> int:
     import pipelines
+    from adapters.artifact import load_artifact
     from adapters.errors import UserError
-    from erasure.toyworld import load_judge
+    from erasure.toyworld import load_judge, prompts
 
     p = argparse.ArgumentParser(prog="python -m eval.toy", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="toy")
@@ -219,21 +221,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=GUIDANCE, help="CFG scale (default: the toy world's, %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no loading progress bars")
     args = p.parse_args(argv)
+    if args.quiet:
+        from pipelines.load import quiet_loading
+
+        quiet_loading()
     try:
+        for concept in args.concept or ():  # bad input is refused before any model is loaded
+            prompts(concept)
+        arts = [load_artifact(a) for a in args.artifact]
         judge = load_judge()
         kw = dict(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
         if args.compare:
             if not args.concept:
                 raise UserError("--compare needs --concept (one per erased concept)")
-            report = erasure_report(args.model, args.artifact, args.concept, judge, erased_model=args.erased_model, **kw)
+            report = erasure_report(args.model, arts, args.concept, judge, erased_model=args.erased_model, **kw)
         else:
             if args.erased_model:
                 raise UserError("--erased-model needs --compare (it is compared with --model)")
             if args.concept and len(args.concept) > 1:
                 raise UserError("several --concept values need --compare")
             pipe = pipelines.load(args.model)
-            attach_all(pipe, args.artifact)
+            attach_all(pipe, arts)
             report = base_quality(pipe, judge, **kw) if args.base else concept_report(pipe, judge, args.concept[0], **kw)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -220,3 +220,12 @@ def _check_tokenizers(pipe, folder: Path) -> None:
         if tok is not None and type(tok).__name__.startswith("CLIPTokenizer") and len(tok) != CLIP_VOCAB_SIZE:
             raise UserError(f"{folder / name} is broken: its CLIP tokenizer has {len(tok)} tokens, not "
                             f"{CLIP_VOCAB_SIZE} (tokenizer files missing?)")
+
+
+def quiet_loading() -> None:
+    """No diffusers / transformers loading bars (the command lines' ``--quiet``): stderr keeps only what matters."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
