@@ -160,9 +160,9 @@ def _table(report: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.quiet:
-        from eval.sweep import _quiet_libraries
+        from pipelines.load import quiet_loading
 
-        _quiet_libraries()
+        quiet_loading()
     try:
         report = attack_model(args)
     except UserError as e:

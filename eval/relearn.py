@@ -136,9 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for a in args.artifact:
             load_artifact(a)
         if args.quiet:
-            from eval.sweep import _quiet_libraries
+            from pipelines.load import quiet_loading
 
-            _quiet_libraries()
+            quiet_loading()
         t0 = time.time()
         pipe = pipelines.load(args.model)
         attach_all(pipe, args.artifact)
