@@ -100,16 +100,26 @@ def save_artifact(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], 
     meta = {"format_version": FORMAT_VERSION, "version": package_version(), **metadata}
     header = {"format": "pt", META_KEY: json.dumps(meta, sort_keys=True, default=str), **(extra_strings or {})}
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    folder = path.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e} — choose a writable --output") from None
+    _write_atomic(path, lambda tmp: save_file(clean, tmp, metadata=header), hint=" — choose a writable --output")
+    return path
+
+
+def _write_atomic(path: Path, write, hint: str = "") -> None:
+    """``write(tmp)`` fills a temp sibling (unique per process), which is then renamed over ``path``: readers see the
+    old file or the new one, never a part. The file gets the usual permissions (mkstemp makes 0600 files); on any
+    failure the temp file is removed, and an OSError becomes a one-line UserError."""
     try:
-        save_file(clean, tmp, metadata=header)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; an artifact is an ordinary file
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}{hint}") from None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
@@ -117,7 +127,6 @@ def save_artifact(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def _umask() -> int:
@@ -210,22 +219,12 @@ def check_fits(art: Artifact, module: torch.nn.Module, names: Iterable[str] | No
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write a file through a temp sibling (unique per process) and a rename: readers see the old file or the new
     one, never a part; the file gets the usual permissions (umask). Failures are one-line UserErrors."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp):
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    _write_atomic(Path(path), write)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -110,7 +110,7 @@ class Sampler:
     @torch.no_grad()
     def latents(self, terms: Sequence[tuple[torch.Tensor, float]], seeds: Sequence[int]) -> torch.Tensor:
         """Clean latents for a composition ``terms`` = [(embeds (B, L, D), weight), ...], one image per seed (B)."""
-        unet, dtype = self.pipe.unet, self.pipe.unet.dtype
+        dtype = self.pipe.unet.dtype
         z = self.noise(seeds).to(self.device, dtype)
         conds = [e.to(self.device, dtype).expand(len(seeds), -1, -1) for e, _ in terms]
         uncond = self.uncond.to(self.device, dtype).expand(len(seeds), -1, -1)
@@ -224,17 +224,19 @@ def _has_phrase(text: str, phrase: str) -> bool:
 class ConceptArithmetic(Attack):
     """A seeded random search over compositions of 2–3 prompts that do not name the concept, with weights in
     {±0.5, ±1, 1.5}·guidance (at least one positive); the best composition on the search seeds is measured on fresh
-    evaluation seeds."""
+    evaluation seeds. The terms are drawn from the ``pool_size`` phrasings whose text embeddings are closest (cosine,
+    all positions) to the mean embedding of the concept's prompts: the search spends its budget near the concept."""
 
     budget: int = 32  # compositions tried
     search_images: int = 2
     images: int = 16
     terms: tuple[int, ...] = (2, 3)
+    pool_size: int = 24
     name: str = "concept_arithmetic"
 
     def run(self, target, sampler):
         rng = np.random.default_rng(target.seed + 1)
-        pool = list(target.vocabulary)
+        pool = self.closest(target, sampler)
         if len(pool) < 2:
             raise UserError("concept arithmetic needs at least two prompts in the vocabulary")
         g = sampler.guidance
@@ -260,7 +262,19 @@ class ConceptArithmetic(Attack):
         best = [{"prompt": _describe(comps[i]), "rate": round(scores[i], 4), "on": "search seeds"} for i in order[:5]]
         best[0] = {"prompt": _describe(top), "rate": round(float(np.mean(hits)), 4), "on": "evaluation seeds"}
         return AttackResult(self.name, float(np.mean(hits)), len(hits), best, images, list(hits),
-                            {"compositions": len(comps), "search_success": round(float(np.mean(scores)), 4)})
+                            {"compositions": len(comps), "search_success": round(float(np.mean(scores)), 4),
+                             "pool": pool})
+
+
+    def closest(self, target: Target, sampler: Sampler) -> list[str]:
+        """The vocabulary's ``pool_size`` phrasings nearest the concept's prompts in the text-embedding space."""
+        vocab = list(target.vocabulary)
+        if len(vocab) <= self.pool_size or not target.prompts:
+            return vocab
+        centre = sampler.embed(target.prompts).flatten(1).mean(0, keepdim=True)
+        emb = torch.cat([sampler.embed(vocab[i : i + 256]).flatten(1) for i in range(0, len(vocab), 256)])
+        sim = torch.nn.functional.cosine_similarity(emb, centre)
+        return [vocab[i] for i in sim.argsort(descending=True)[: self.pool_size].tolist()]
 
 
 def _describe(comp) -> str:
@@ -443,7 +457,7 @@ ATTACKS: dict[str, type[Attack]] = {a.name: a for a in (AliasSearch, ConceptArit
 # smaller budgets for tests and smoke runs; the defaults are the README's measurement
 SMALL_BUDGET = {
     "alias_search": dict(max_candidates=16, screen_images=1, images=1),
-    "concept_arithmetic": dict(budget=4, search_images=1, images=2),
+    "concept_arithmetic": dict(budget=4, search_images=1, images=2, pool_size=8),
     "ring_a_bell": dict(etas=(2.0, 5.0), prompts=4, search_images=1, images=1),
     "unlearndiffatk": dict(tasks=2, iterations=4, check_every=2),
 }

@@ -239,3 +239,14 @@ def test_sweep_attack_config_errors(tmp_path, extra, message):
     (tmp_path / "s.toml").write_text(text)
     with pytest.raises(sweep.UserError, match=re.escape(message)):
         sweep.load_config(tmp_path / "s.toml")
+
+
+def test_arithmetic_pool_is_the_vocabulary_nearest_the_concept(toy, judge):
+    from eval.attacks import ConceptArithmetic
+
+    t = toy_target(toy, "circle", judge=judge)
+    pool = ConceptArithmetic(pool_size=12).closest(t, Sampler(toy, guidance=5.0))
+    assert len(pool) == 12 and set(pool) <= set(t.vocabulary)
+    # the circle's aliases dominate the neighbourhood of the circle prompts; the other shapes' names do not
+    assert sum(any(a in p.split() for a in ("ball", "coin", "sun")) for p in pool) >= 8
+    assert not any(s in p.split() for p in pool for s in ("square", "triangle", "star", "heart"))

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -162,32 +163,54 @@ def _checkpoint_path(output: Path) -> Path:
     return output.with_name(output.name + ".ckpt.safetensors")
 
 
+def optimizer_tensors(opt, named: Iterable[tuple[str, torch.Tensor]], prefix: str) -> dict[str, torch.Tensor]:
+    """An optimizer's per-parameter state as checkpoint tensors ``PREFIX/NAME/KEY``."""
+    return {f"{prefix}/{n}/{k}": v for n, p in named for k, v in opt.state.get(p, {}).items() if torch.is_tensor(v)}
+
+
+def restore_optimizer(opt, named: Iterable[tuple[str, torch.Tensor]], tensors: dict, prefix: str) -> None:
+    """The inverse of :func:`optimizer_tensors`."""
+    for n, p in named:
+        state = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{prefix}/{n}/")}
+        if state:
+            opt.state[p] = state
+
+
+def save_checkpoint(path: Path, method_name: str, config, tensors: dict, step: int, gen: torch.Generator,
+                    history: list) -> None:
+    meta = {"kind": "checkpoint", "checkpoint": {"step": step, "history": history}, "method": method_name,
+            "config": asdict(config)}
+    save_artifact(path, {**tensors, "rng": gen.get_state()}, meta)
+
+
+@contextmanager
+def read_checkpoint(path: Path, config, gen: torch.Generator):
+    """Open a checkpoint of this run configuration → (tensors, step, history); restores ``gen``. A checkpoint of
+    another configuration, or one that lacks what this run needs, is a one-line UserError."""
+    art = load_artifact(path, kind="checkpoint")
+    ck = art.metadata.get("checkpoint")
+    if not ck or art.metadata.get("config") != asdict(config):
+        raise UserError(f"{path}: checkpoint of another run configuration; delete it or drop --resume")
+    try:
+        yield art.tensors, int(ck["step"]), list(ck["history"])
+        gen.set_state(art.tensors["rng"])
+    except KeyError as e:
+        raise UserError(f"{path}: incomplete checkpoint (no {e}); delete it or drop --resume") from None
+
+
 def _save_checkpoint(path: Path, method: FineTuneMethod, opt, step: int, gen: torch.Generator, history: list) -> None:
     tensors = {f"param/{n}": p.detach() for n, p in method.params.items()}
-    for n, p in method.params.items():
-        for k, v in opt.state.get(p, {}).items():
-            if torch.is_tensor(v):
-                tensors[f"opt/{n}/{k}"] = v
-    tensors["rng"] = gen.get_state()
-    meta = {"kind": "checkpoint", "checkpoint": {"step": step, "history": history}, "method": method.name,
-            "config": asdict(method.config)}
-    save_artifact(path, tensors, meta)
+    tensors.update(optimizer_tensors(opt, method.params.items(), "opt"))
+    save_checkpoint(path, method.name, method.config, tensors, step, gen, history)
 
 
 def _load_checkpoint(path: Path, method: FineTuneMethod, opt, gen: torch.Generator) -> tuple[int, list]:
-    art = load_artifact(path)
-    ck = art.metadata.get("checkpoint")
-    if not ck or art.metadata.get("config") != asdict(method.config):
-        raise UserError(f"{path}: checkpoint of another run configuration; delete it or drop --resume")
-    with torch.no_grad():
-        for n, p in method.params.items():
-            p.copy_(art.tensors[f"param/{n}"])
-    for n, p in method.params.items():
-        state = {k.rsplit("/", 1)[1]: v for k, v in art.tensors.items() if k.startswith(f"opt/{n}/")}
-        if state:
-            opt.state[p] = state
-    gen.set_state(art.tensors["rng"])
-    return int(ck["step"]), list(ck["history"])
+    with read_checkpoint(path, method.config, gen) as (tensors, step, history):
+        with torch.no_grad():
+            for n, p in method.params.items():
+                p.copy_(tensors[f"param/{n}"])
+        restore_optimizer(opt, method.params.items(), tensors, "opt")
+    return step, history
 
 
 def fit(method: FineTuneMethod, *, steps: int, lr: float, output: Path, seed: int, accelerator,

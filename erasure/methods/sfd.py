@@ -27,14 +27,14 @@ import sys
 import time
 from contextlib import contextmanager
 from copy import deepcopy
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from adapters.artifact import load_artifact, module_fingerprint, save_artifact
+from adapters.artifact import module_fingerprint
 from adapters.errors import UserError
-from erasure.methods.base import check_trainable_pipeline, run_metadata
+from erasure.methods.base import (check_trainable_pipeline, optimizer_tensors, read_checkpoint, restore_optimizer,
+                                   run_metadata, save_checkpoint)
 from pipelines.text import encode
 
 
@@ -315,33 +315,25 @@ class SFD:
         bar.close()
         return history
 
+    def _optimizers(self):
+        """(checkpoint prefix, optimizer, [(index, parameter)]) for both networks' Adam states."""
+        return (("opt_g", self.opt_g, list(enumerate(self.G.parameters()))),
+                ("opt_fake", self.opt_fake, list(enumerate(self.fake.parameters()))))
+
     def _save_checkpoint(self, path: Path, step: int, gen, history) -> None:
         tensors = {f"G/{k}": v for k, v in self.G.state_dict().items()}
         tensors.update({f"fake/{k}": v for k, v in self.fake.state_dict().items()})
-        for prefix, opt, net in (("opt_g", self.opt_g, self.G), ("opt_fake", self.opt_fake, self.fake)):
-            for i, p in enumerate(net.parameters()):
-                for k, v in opt.state.get(p, {}).items():
-                    if torch.is_tensor(v):
-                        tensors[f"{prefix}/{i}/{k}"] = v
-        tensors["rng"] = gen.get_state()
-        meta = {"kind": "checkpoint", "checkpoint": {"step": step, "history": history}, "method": self.name,
-                "config": asdict(self.config)}
-        save_artifact(path, tensors, meta)
+        for prefix, opt, named in self._optimizers():
+            tensors.update(optimizer_tensors(opt, named, prefix))
+        save_checkpoint(path, self.name, self.config, tensors, step, gen, history)
 
     def _load_checkpoint(self, path: Path, gen) -> tuple[int, list]:
-        art = load_artifact(path, kind="checkpoint")
-        ck = art.metadata.get("checkpoint")
-        if not ck or art.metadata.get("config") != asdict(self.config):
-            raise UserError(f"{path}: checkpoint of another run configuration; delete it or drop --resume")
-        self.G.load_state_dict({k[2:]: v for k, v in art.tensors.items() if k.startswith("G/")})
-        self.fake.load_state_dict({k[5:]: v for k, v in art.tensors.items() if k.startswith("fake/")})
-        for prefix, opt, net in (("opt_g", self.opt_g, self.G), ("opt_fake", self.opt_fake, self.fake)):
-            for i, p in enumerate(net.parameters()):
-                state = {k.rsplit("/", 1)[1]: v for k, v in art.tensors.items() if k.startswith(f"{prefix}/{i}/")}
-                if state:
-                    opt.state[p] = state
-        gen.set_state(art.tensors["rng"])
-        return int(ck["step"]), list(ck["history"])
+        with read_checkpoint(path, self.config, gen) as (tensors, step, history):
+            self.G.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("G/")})
+            self.fake.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("fake/")})
+            for prefix, opt, named in self._optimizers():
+                restore_optimizer(opt, named, tensors, prefix)
+        return step, history
 
     # -- the result ---------------------------------------------------------------------------------------------
     def student(self):
