@@ -250,3 +250,30 @@ def test_arithmetic_pool_is_the_vocabulary_nearest_the_concept(toy, judge):
     # the circle's aliases dominate the neighbourhood of the circle prompts; the other shapes' names do not
     assert sum(any(a in p.split() for a in ("ball", "coin", "sun")) for p in pool) >= 8
     assert not any(s in p.split() for p in pool for s in ("square", "triangle", "star", "heart"))
+
+
+def test_sampler_matches_the_pipeline_with_a_gated_membrane(tmp_path, judge):
+    """Facilitated transport gates each row of the UNet batch: the attack sampler's batches must be gated exactly as
+    the pipeline's, or attacks on SPM would measure another model."""
+    from erasure.train import main
+
+    out = tmp_path / "m.safetensors"
+    assert main(["--concept", "circle", "--method", "spm", "--steps", "3", "--lr", "0.05", "--batch-size", "1",
+                 "--output", str(out), "--quiet"]) == 0
+    pipe = pipelines.load("toy")
+    pipelines.attach_membranes(pipe, [out], transport=True)
+    prompts = ["a red circle", "a blue square"]
+    mine = Sampler(pipe, steps=10, guidance=5.0).prompt_images(prompts, [5, 6])
+    theirs = generate(pipe, prompts, seed=5, steps=10, guidance=5.0)
+    assert np.abs(mine.astype(int) - theirs.astype(int)).max() <= 1
+    plain = generate(pipelines.load("toy"), prompts, seed=5, steps=10, guidance=5.0)
+    assert np.abs(theirs.astype(int) - plain.astype(int)).max() > 0  # the membrane is on
+
+
+def test_every_attack_runs_on_a_one_step_student(student, toy, judge):
+    t = toy_target(student, "circle", base=toy, judge=judge)
+    res = attacks.run_attacks(t, list(attacks.ATTACKS), guidance=5.0, budget="small", progress=False)
+    for name, r in res["attacks"].items():
+        assert r.n == len(r.hits) >= 1 and 0.0 <= r.asr <= 1.0, name
+    # the student is the (undistilled) teacher's UNet called once: not a circle-maker, but the attack ran on it
+    assert res["attacks"]["alias_search"].details["kept"] >= 1
