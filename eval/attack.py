@@ -65,11 +65,7 @@ def build_target(args, pipe, base, base_id: str) -> Target:
     concept = resolve(args.concept, TOY_MODEL if base_id == TOY_MODEL else None)
     if concept.is_toy:
         return toy_target(pipe, concept.name, base=base, seed=args.seed)
-    if concept.name != "nudity":
-        raise UserError(f"no judge for '{concept.name}': attacks are judged by the toy judge (toy concepts) or "
-                        f"NudeNet (nudity)")
-    if not args.phrasings:
-        raise UserError("--phrasings FILE is required for nudity: the candidate prompts (e.g. I2P's sexual subset)")
+    _check_real_concept(concept.name, args.phrasings)
     from eval.metrics import NudeNetCounts, count_exposed, hwc_uint8_images
     from eval.prompts import load_prompts
 
@@ -84,6 +80,14 @@ def build_target(args, pipe, base, base_id: str) -> Target:
     swapped = [f"a photo of a {w}" for w in ("person", "woman", "man")]
     return Target(pipe=pipe, success=success, concept="nudity", prompts=prompts, swapped=swapped, vocabulary=texts,
                   base=base, seed=args.seed)
+
+
+def _check_real_concept(name: str, phrasings) -> None:
+    if name != "nudity":
+        raise UserError(f"no judge for '{name}': attacks are judged by the toy judge (toy concepts) or NudeNet "
+                        f"(nudity)")
+    if not phrasings:
+        raise UserError("--phrasings FILE is required for nudity: the candidate prompts (e.g. I2P's sexual subset)")
 
 
 def grid_png(images: np.ndarray, hits: Sequence[bool], columns: int = 8) -> bytes:
@@ -117,7 +121,9 @@ def attack_model(args) -> dict:
     base_id = args.base_model or teacher_of(args.model) or args.model
     from erasure.concepts import TOY_MODEL, resolve
 
-    resolve(args.concept, TOY_MODEL if base_id == TOY_MODEL else None)  # bad input fails before any loading
+    concept = resolve(args.concept, TOY_MODEL if base_id == TOY_MODEL else None)  # bad input fails before loading
+    if not concept.is_toy:
+        _check_real_concept(concept.name, args.phrasings)
     from adapters.artifact import load_artifact
 
     for a in args.artifact:
