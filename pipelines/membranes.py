@@ -96,6 +96,18 @@ class AttachedMembranes:
             membrane.detach(self.pipe.unet, n)
 
 
+SIMILARITY = "flat"  # facilitated transport's default text similarity (adapters.transport)
+
+
+def _concept(pipe, name: str, prompts: list[str], scale: float, special: set[int]) -> MembraneConcept:
+    """What transport needs of one membrane: its prompts' hidden states, token sets and end-of-text states."""
+    tok = pipe.tokenizer
+    hidden = encode(pipe, prompts)
+    ids = [tok(p, truncation=True, max_length=tok.model_max_length).input_ids for p in prompts]
+    eos = torch.stack([h[i.index(tok.eos_token_id) if tok.eos_token_id in i else len(i) - 1] for h, i in zip(hidden, ids)])
+    return MembraneConcept(name, hidden.flatten(1), [set(i) - special for i in ids], scale, eos)
+
+
 def _unique_name(unet, stem: str) -> str:
     taken, name, k = set(membrane.membrane_names(unet)), stem, 1
     while name in taken:
@@ -105,12 +117,15 @@ def _unique_name(unet, stem: str) -> str:
 
 
 def attach_membranes(pipe, files: Sequence[str | os.PathLike | Artifact], *, transport: bool = True,
-                     scales: Sequence[float] | None = None) -> AttachedMembranes:
+                     scales: Sequence[float] | None = None, similarity: str = SIMILARITY) -> AttachedMembranes:
     """Attach membrane files to ``pipe.unet``. With ``transport`` each membrane's γ is set per prompt from the text
-    similarity to its concept (facilitated transport); without, γ is fixed at ``scales`` (default 1 each)."""
+    similarity to its concept (facilitated transport; ``similarity``: ``"eos"`` or ``"flat"``, see
+    :mod:`adapters.transport`); without, γ is fixed at ``scales`` (default 1 each)."""
     scales = list(scales) if scales is not None else [1.0] * len(files)
     if len(scales) != len(files):
         raise UserError(f"{len(files)} membrane files but {len(scales)} scales")
+    if similarity not in ("eos", "flat"):
+        raise UserError(f"similarity must be 'eos' or 'flat', not {similarity!r}")
     names, prompts = [], {}
     arts = [f if isinstance(f, Artifact) else load_artifact(f, kind="membrane", allow_missing_metadata=True) for f in files]
     for art in arts:
@@ -124,11 +139,10 @@ def attach_membranes(pipe, files: Sequence[str | os.PathLike | Artifact], *, tra
     if transport:
         tok = pipe.tokenizer
         special = set(tok.all_special_ids)
-        concepts = [MembraneConcept(n, encode(pipe, prompts[n] or [""]).flatten(1),
-                                    [set(tok(p).input_ids) - special for p in prompts[n]], s)
-                    for n, s in zip(names, scales)]
+        concepts = [_concept(pipe, n, prompts[n] or [""], s, special) for n, s in zip(names, scales)]
         encoders = [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
-        handle.transport = Transport(concepts, special).install(encoders, pipe.unet)
+        eos_id = tok.eos_token_id if similarity == "eos" else None
+        handle.transport = Transport(concepts, special, eos_id=eos_id).install(encoders, pipe.unet)
     else:
         membrane.set_gates(pipe.unet, dict(zip(names, scales)))
     return handle
