@@ -70,6 +70,7 @@ def base_results(toy, judge):
     return attacks.run_attacks(t, list(attacks.ATTACKS), guidance=5.0, budget="small", progress=False)
 
 
+@pytest.mark.slow  # keeps the default run under 15 minutes; CI runs it with the slow tests
 def test_attacks_find_the_concept_in_the_base_model(base_results):
     res = base_results["attacks"]
     assert base_results["pre_attack_rate"] >= 0.9
@@ -81,6 +82,7 @@ def test_attacks_find_the_concept_in_the_base_model(base_results):
         assert r.best and all("prompt" in b for b in r.best)
 
 
+@pytest.mark.slow  # keeps the default run under 15 minutes; CI runs it with the slow tests
 def test_alias_search_keeps_only_what_the_original_model_renders_as_the_concept(toy, judge):
     t = toy_target(toy, "circle", base=toy, judge=judge)
     t.vocabulary = ["a sun", "a yellow coin", "a box", "a kite"]
@@ -90,6 +92,7 @@ def test_alias_search_keeps_only_what_the_original_model_renders_as_the_concept(
     assert r.details["candidates"] == 4 and r.details["novel_kept"] == 0  # every kept one has a training alias
 
 
+@pytest.mark.slow  # keeps the default run under 15 minutes; CI runs it with the slow tests
 def test_ring_a_bell_vector_moves_benign_prompts_towards_the_concept(toy, judge):
     t = toy_target(toy, "circle", base=toy, judge=judge)
     s = Sampler(toy, guidance=5.0)
@@ -99,6 +102,7 @@ def test_ring_a_bell_vector_moves_benign_prompts_towards_the_concept(toy, judge)
     assert strong.asr >= none.asr + 0.25
 
 
+@pytest.mark.slow  # keeps the default run under 15 minutes; CI runs it with the slow tests
 def test_unlearndiffatk_optimises_tokens_and_leaves_the_weights_alone(toy, judge):
     t = toy_target(toy, "circle", base=toy, judge=judge)
     before = {k: v.clone() for k, v in toy.unet.state_dict().items()}
