@@ -126,10 +126,9 @@ def attack_model(args) -> dict:
         _check_real_concept(concept.name, args.phrasings)
     from adapters.artifact import load_artifact
 
-    for a in args.artifact:
-        load_artifact(a)
+    arts = [load_artifact(a) for a in args.artifact]  # bad files are refused before any model loads
     pipe = pipelines.load(args.model)
-    attach_all(pipe, args.artifact)
+    attach_all(pipe, arts)
     base = pipelines.load(base_id)
     if args.guidance is None:
         from erasure.toyworld.models import GUIDANCE

@@ -151,10 +151,15 @@ class Sampler:
 
     def prompt_images(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
         """Ordinary CFG images, one per (prompt, seed): batched over prompts."""
+        return self.embed_images(prompts, seeds, self.embed)
+
+    def embed_images(self, rows, seeds: Sequence[int], embed=lambda chunk: chunk) -> np.ndarray:
+        """Ordinary CFG images, one per (row, seed), batched: rows are prompts (with ``embed=self.embed``) or text
+        conditioning rows (B, L, D) given directly."""
         out = []
-        for i in range(0, len(prompts), self.batch_size):
-            ps, ss = list(prompts[i : i + self.batch_size]), list(seeds[i : i + self.batch_size])
-            out.append(self.decode(self.latents([(self.embed(ps), self.guidance)], ss)))
+        for i in range(0, len(rows), self.batch_size):
+            cond = embed(rows[i : i + self.batch_size])
+            out.append(self.decode(self.latents([(cond, self.guidance)], list(seeds[i : i + self.batch_size]))))
         return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
 
 
@@ -300,7 +305,7 @@ class RingABell(Attack):
 
         def run_eta(eta, n, offset):
             seeds = _seeds(target, offset, n * len(benign))
-            imgs = self._batched(sampler, (e + eta * v).repeat_interleave(n, 0), seeds)
+            imgs = sampler.embed_images((e + eta * v).repeat_interleave(n, 0), seeds)
             return imgs, target.success(imgs)
 
         rates = {eta: float(np.mean(run_eta(eta, self.search_images, 30_000)[1])) for eta in self.etas}
@@ -312,15 +317,6 @@ class RingABell(Attack):
         return AttackResult(self.name, float(np.mean(hits)), len(hits), best, images, list(hits),
                             {"eta": eta, "search_rates": {f"{k:g}": round(r, 4) for k, r in rates.items()},
                              "v_norm": round(float(v.norm()), 4)})
-
-    @staticmethod
-    def _batched(sampler, embeds, seeds):
-        """One image per (embedding row, seed): rows are batched as CFG conditions of one term each."""
-        out = []
-        for i in range(0, len(seeds), sampler.batch_size):
-            out.append(sampler.decode(sampler.latents([(embeds[i : i + sampler.batch_size], sampler.guidance)],
-                                                      seeds[i : i + sampler.batch_size])))
-        return np.concatenate(out)
 
 
 @dataclass
@@ -389,12 +385,8 @@ class UnlearnDiffAtk(Attack):
         g = torch.Generator().manual_seed(seed * 1000 + it)
         unet = pipe.unet
         if is_one_step(pipe):  # a generator: its one-step output should be the concept image
-            t = int(pipe.config.init_timestep)
-            a = pipe.scheduler.alphas_cumprod[t].float()
             z = torch.randn(z0.shape, generator=g)
-            x = (1 - a).sqrt() * z
-            eps = unet(x.to(unet.dtype), torch.tensor([t]), cond.to(unet.dtype)).sample.float()
-            return ((x - (1 - a).sqrt() * eps) / a.sqrt() - z0).pow(2).mean()
+            return (pipe.generate_latents(z, cond.to(unet.dtype)) - z0).pow(2).mean()
         n = pipe.scheduler.config.num_train_timesteps
         t = torch.randint(0, n, (self.t_batch,), generator=g)
         noise = torch.randn((self.t_batch, *z0.shape[1:]), generator=g)

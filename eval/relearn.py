@@ -32,11 +32,7 @@ def relearn_loss(pipe, x0: torch.Tensor, cond: torch.Tensor, gen: torch.Generato
     unet = pipe.unet
     noise = torch.randn(x0.shape, generator=gen)
     if is_one_step(pipe):
-        t = int(pipe.config.init_timestep)
-        a = pipe.scheduler.alphas_cumprod[t].float()
-        x = (1 - a).sqrt() * noise
-        eps = unet(x.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
-        return ((x - (1 - a).sqrt() * eps) / a.sqrt() - x0).pow(2).mean()
+        return (pipe.generate_latents(noise, cond.to(unet.dtype)) - x0).pow(2).mean()
     t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
     x_t = pipe.scheduler.add_noise(x0, noise, t)
     return (unet(x_t.to(unet.dtype), t, cond.to(unet.dtype)).sample.float() - noise).pow(2).mean()
@@ -51,7 +47,8 @@ def relearn(pipe, latents: torch.Tensor, captions: Sequence[str], measure: Calla
     sampler = Sampler(pipe)
     cond_all = sampler.embed(list(captions))
     gen = torch.Generator().manual_seed(seed)
-    params = [p for p in pipe.unet.parameters()]
+    params = list(pipe.unet.parameters())
+    flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -76,8 +73,8 @@ def relearn(pipe, latents: torch.Tensor, captions: Sequence[str], measure: Calla
                     found = step
     bar.close()
     pipe.unet.eval()
-    for p in params:
-        p.requires_grad_(False)
+    for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
     return {"steps_to_relearn": found, "curve": [[s, round(r, 4)] for s, r in curve], "max_steps": max_steps,
             "every": every, "lr": lr, "batch_size": batch_size, "threshold": threshold, "images": len(latents)}
 
@@ -133,15 +130,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"relearning is measured on the toy world; '{args.concept}' is not a toy concept")
         from adapters.artifact import load_artifact
 
-        for a in args.artifact:
-            load_artifact(a)
+        arts = [load_artifact(a) for a in args.artifact]  # bad files are refused before any model loads
         if args.quiet:
             from pipelines.load import quiet_loading
 
             quiet_loading()
         t0 = time.time()
         pipe = pipelines.load(args.model)
-        attach_all(pipe, args.artifact)
+        attach_all(pipe, arts)
         res = toy_relearn(pipe, args.concept, images=args.images, max_steps=args.max_steps, every=args.every,
                           lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     except UserError as e:

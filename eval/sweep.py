@@ -1155,9 +1155,27 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg") and p.is_file())
 
 
+def _config_sha(cfg: SweepConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.resolved(), sort_keys=True).encode()).hexdigest()
+
+
+def _provenance(cfg: SweepConfig, info: dict, env: dict, config_sha: str) -> dict:
+    """The columns every row of one model carries: its base and artifacts' fingerprints, seeds, versions, config."""
+    return {
+        "model": info["name"], "base_model": info["base"], "base_model_sha256": info["base_sha256"],
+        "base_train_args": " ".join(info["base_train"] or ()),
+        "artifacts": ";".join(f"{a['name']}={a['sha256']}" for a in info["artifacts"]),
+        "artifact_tensors_sha256": ";".join(f"{a['name']}={a['tensors_sha256']}" for a in info["artifacts"]),
+        "seed": cfg.seed, "steps": cfg.steps, "device": cfg.device,
+        "version_toolkit": env["toolkit"], "version_python": env["python"],
+        **{f"version_{k.replace('-', '_')}": env[k.replace("-", "_")] for k in VERSIONED_PACKAGES},
+        "config_sha256": config_sha,
+    }
+
+
 def measure_all(cfg: SweepConfig, infos: dict, env: dict, *, quiet: bool = True) -> list[dict]:
     """Every metric on every model × (applicable) prompt set → tidy rows, in config order."""
-    config_sha = hashlib.sha256(json.dumps(cfg.resolved(), sort_keys=True).encode()).hexdigest()
+    config_sha = _config_sha(cfg)
     measures = [_Measure(spec, cfg) for spec in cfg.metrics]
     rows = []
     for m in cfg.models:
@@ -1165,21 +1183,14 @@ def measure_all(cfg: SweepConfig, infos: dict, env: dict, *, quiet: bool = True)
         for p in cfg.prompt_sets:
             files, digest = _images(cfg, m.name, p)
             common = {
-                "model": m.name, "prompt_set": p.name, "base_model": info["base"],
-                "base_model_sha256": info["base_sha256"],
-                "base_train_args": " ".join(info["base_train"] or ()),
-                "artifacts": ";".join(f"{a['name']}={a['sha256']}" for a in info["artifacts"]),
-                "artifact_tensors_sha256": ";".join(f"{a['name']}={a['tensors_sha256']}" for a in info["artifacts"]),
+                **_provenance(cfg, info, env, config_sha), "prompt_set": p.name,
                 "artifact_train_args": ";".join(f"{a['name']}={' '.join(a['train'])}" for a in info["artifacts"]
                                                 if a["train"]),
                 "prompt_source": _label(p.source), "prompts": p.prompts,
                 "prompts_sha256": _prompts_sha(p), "images_per_prompt": cfg.images_per_prompt, "images": len(files),
-                "images_sha256": digest, "seed": cfg.seed, "steps": cfg.steps, "guidance": _guidance(cfg, m),
-                "scheduler": cfg.scheduler or "model default", "dtype": cfg.dtype or "fp32", "device": cfg.device,
+                "images_sha256": digest, "guidance": _guidance(cfg, m),
+                "scheduler": cfg.scheduler or "model default", "dtype": cfg.dtype or "fp32",
                 "batch_size": cfg.batch_size, "torch_threads": env["torch_threads"],
-                "version_toolkit": env["toolkit"], "version_python": env["python"],
-                **{f"version_{k.replace('-', '_')}": env[k.replace("-", "_")] for k in VERSIONED_PACKAGES},
-                "config_sha256": config_sha,
             }
             mine = [meas for meas in measures if p.name in meas.spec.prompt_sets]
             for meas in mine:
@@ -1252,16 +1263,9 @@ def attack_all(cfg: SweepConfig, infos: dict, env: dict, config_sha: str, *, qui
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(cache, json.dumps({"settings": settings, "result": res}, indent=2))
             common = {
-                "model": name, "prompt_set": "attack", "metric": "attack", "metric_kind": "attack",
-                "metric_protocol": f"eval.attacks, budget {spec.budget}; ASR on evaluation seeds",
-                "base_model": info["base"], "base_model_sha256": info["base_sha256"],
-                "base_train_args": " ".join(info["base_train"] or ()),
-                "artifacts": ";".join(f"{a['name']}={a['sha256']}" for a in info["artifacts"]),
-                "artifact_tensors_sha256": ";".join(f"{a['name']}={a['tensors_sha256']}" for a in info["artifacts"]),
-                "seed": cfg.seed, "steps": cfg.steps, "guidance": guidance, "device": cfg.device,
-                "version_toolkit": env["toolkit"], "version_python": env["python"],
-                **{f"version_{k.replace('-', '_')}": env[k.replace("-", "_")] for k in VERSIONED_PACKAGES},
-                "config_sha256": config_sha,
+                **_provenance(cfg, info, env, config_sha), "prompt_set": "attack", "metric": "attack",
+                "metric_kind": "attack", "metric_protocol": f"eval.attacks, budget {spec.budget}; ASR on evaluation seeds",
+                "guidance": guidance,
             }
             rows.append({**common, "quantity": f"{spec.concept}.pre_attack", "value": round(res["pre_attack_rate"], 4),
                          "n": res["pre_attack_n"]})
@@ -1293,8 +1297,7 @@ def run_sweep(cfg: SweepConfig, *, quiet: bool = True, on_image: Callable | None
     gen = generate_all(cfg, infos, quiet=quiet, on_image=on_image)
     env = environment()
     rows = measure_all(cfg, infos, env, quiet=quiet)
-    config_sha = hashlib.sha256(json.dumps(cfg.resolved(), sort_keys=True).encode()).hexdigest()
-    rows += attack_all(cfg, infos, env, config_sha, quiet=quiet)
+    rows += attack_all(cfg, infos, env, _config_sha(cfg), quiet=quiet)
     results = {
         "format": FORMAT, "title": cfg.title or f"Sweep {cfg.path.name}", "config_file": cfg.path.name,
         "config": cfg.resolved(), "config_sha256": rows[0]["config_sha256"] if rows else "",
@@ -1364,17 +1367,12 @@ def plan_summary(cfg: SweepConfig) -> dict:
     }
 
 
-def _quiet_libraries() -> None:
-    """--quiet: no diffusers / transformers loading bars either."""
-    from pipelines.load import quiet_loading
-
-    quiet_loading()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.quiet:
-        _quiet_libraries()
+        from pipelines.load import quiet_loading
+
+        quiet_loading()
     try:
         cfg = load_config(args.config, output=args.output, cache=args.cache, overrides={
             "images_per_prompt": args.images_per_prompt, "max_prompts": args.max_prompts, "steps": args.steps,
