@@ -22,7 +22,7 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     concept: str = _f("circle", "concept to erase: a preset (circle, red, striped, nudity, 'van gogh', …) or free text")
-    method: str = _f("salun", "erasure method (default: the best one measured on the toy world, README)",
+    method: str = _f("spm", "erasure method (default: SPM, a membrane that loads anywhere; README compares them)",
                      choices=("esd", "spm", "salun", "sfd"))
     prompts: str | None = _f(None, "training prompts separated by '|' (default: the concept preset's prompts)")
     model: str | None = _f(None, "base model: 'toy', a local diffusers folder or a hub id (default: the preset's)")
@@ -74,7 +74,14 @@ class SPMConfig:
     start_guidance: float = _f(3.0, "CFG scale of that sampling (SPM: 3)")
     anchor_samples: int = _f(2, "anchors per step besides the empty prompt (the code's effective count: 2)")
     anchor_source: str = _f("random", "anchors: 'random' text-space directions (SPM code), the preset's anchor "
-                            "'prompts', or 'both'", choices=("random", "prompts", "both"))
+                            "'prompts', 'both', or 'captions' (toy world: captions of scenes without the concept; "
+                            "elsewhere the preset's anchor prompts)", choices=("random", "prompts", "both", "captions"))
+    pair_fraction: float = _f(0.0, "toy world: share of each batch drawn from two-object captions naming the concept, "
+                              "each steered to its other object alone instead of the surrogate (0: none, as SPM)")
+    pair_target: str = _f("other", "what those pairs are steered to: the 'other' object alone, or the caption with the "
+                          "concept's word 'swap'ped for the preset's substitute", choices=("other", "swap"))
+    anchor_latents: str = _f("target", "x_t of the anchors: the 'target' prompt's trajectory (SPM code) or each "
+                             "anchor's 'own' partial DDIM trajectory", choices=("target", "own"))
 
 
 @dataclass
@@ -135,7 +142,8 @@ TOY_DEFAULTS = {
     "esd": {"steps": 200, "lr": 1e-4, "batch_size": 8, "ddim_steps": 25, "variant": "esd-u"},
     "sfd": {"steps": 400, "lr": 5e-5, "lr_fake": 1e-4, "batch_size": 8, "cfg_train_fake": 4.0, "cfg_eval_fake": 4.0,
             "cfg_eval_real": 4.0},
-    "spm": {"steps": 200, "lr": 5e-3, "batch_size": 4, "ddim_steps": 25, "anchor_weight": 10.0, "anchor_source": "both"},
+    "spm": {"steps": 200, "lr": 5e-3, "batch_size": 4, "ddim_steps": 12, "anchor_weight": 1.5, "anchor_samples": 4,
+            "anchor_source": "captions", "anchor_latents": "own", "pair_fraction": 0.5},
     "salun": {"steps": 200, "lr": 1e-4, "batch_size": 16, "alpha": 0.4, "forget_images": 512, "retain_images": 4096},
 }
 

@@ -178,3 +178,20 @@ def test_training_is_reproducible_from_the_seed(tmp_path):
     a, b, c = (load_artifact(o).tensors for o in outs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if "lora_down" in k), "another seed, another membrane"
+
+
+def test_caption_anchors_and_pairs_never_show_the_concept():
+    """The toy anchors are captions of scenes without the concept; each pair names it once and is steered to its
+    other object alone."""
+    from erasure.concepts import resolve
+    from erasure.methods.spm import anchor_captions, pair_prompts
+
+    circle = resolve("circle")
+    anchors = anchor_captions(circle, seed=0, n=200)
+    assert len(anchors) == 200 and not any("circle" in a for a in anchors)
+    assert any(" and " in a for a in anchors) and any("striped" in a for a in anchors), "pairs and fills are covered"
+    for pair, other in pair_prompts(circle, seed=0, n=50):
+        assert " and " in pair and pair.count("circle") == 1 and "circle" not in other
+        assert all(word in pair for word in other.split()[1:]), (pair, other)
+    swapped = pair_prompts(circle, seed=0, n=5, swap=True)
+    assert all("circle" not in s and "square" in s for _, s in swapped)

@@ -30,10 +30,13 @@ def _err(capsys) -> str:
 def test_dry_run_resolves_toy_defaults_and_preset(capsys):
     assert main(["--concept", "circle", "--dry-run"]) == 0
     cfg = json.loads(capsys.readouterr().out)
-    # the default method is the best one measured on the toy world (README): SalUn
-    assert cfg["run"]["model"] == "toy" and cfg["run"]["method"] == "salun"
+    # the default method is SPM, with its toy-world defaults
+    assert cfg["run"]["model"] == "toy" and cfg["run"]["method"] == "spm"
+    assert cfg["spm"]["anchor_source"] == "captions" and cfg["spm"]["pair_fraction"] == 0.5
+    assert cfg["run"]["output"].endswith("circle-spm.safetensors")
+    assert main(["--concept", "circle", "--method", "salun", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
     assert cfg["salun"]["alpha"] == 0.4 and cfg["salun"]["mask_fraction"] == 0.5
-    assert cfg["run"]["output"].endswith("circle-salun.safetensors")
     assert main(["--concept", "circle", "--method", "esd", "--dry-run"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["esd"]["steps"] == 200 and cfg["esd"]["eta"] == 1.0

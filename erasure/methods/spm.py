@@ -10,7 +10,16 @@ A rank-1 membrane on every Linear / Conv2d of the UNet's transformer blocks is t
 where ε is the original model (membrane off) and x_t comes from partial DDIM sampling (30 steps, CFG 3) with the
 membrane on, conditioned on the target. Anchors, as the SPM code samples them (not as the paper words it): random
 Gaussian directions in text-embedding space (all 77 positions), rescaled to ‖c_tar‖ · U[0.8, 1.2], plus the empty
-prompt; here optionally also the preset's anchor prompts (``anchor_source``).
+prompt, all evaluated at the target's x_t. Options beyond the code (``SPMConfig``):
+
+- ``anchor_source="prompts" | "both"``: the preset's anchor prompts instead of / besides the random directions;
+  ``"captions"``: on the toy world, captions of scenes without the concept (every shape, colour, fill, alias and
+  two-object scene that does not show it), so the anchors cover what must be kept, not only the other shapes.
+- ``anchor_latents="own"``: each anchor at the x_t of its own partial DDIM trajectory (sampled together with the
+  targets', membrane on) instead of the target's — "a blue square" is anchored on latents that hold a blue square.
+- ``pair_fraction``: that share of each batch is two-object captions naming the concept, each steered by Eq. 4 to
+  its other object alone (c_sur = "a blue square" for "a red circle and a blue square"), so the membrane learns to
+  take the concept out of a scene, not to empty the scene.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from adapters import membrane
+from adapters.errors import UserError
 from erasure.methods.base import check_trainable_pipeline, partial_ddim, run_metadata
 from pipelines.text import encode
 
@@ -45,6 +55,44 @@ def random_anchors(target: torch.Tensor, n: int, gen: torch.Generator) -> torch.
     return noise * scale.view(-1, 1, 1)
 
 
+def anchor_captions(concept, seed: int, n: int = 512) -> list[str]:
+    """``anchor_source="captions"``: on the toy world, ``n`` captions of scenes that do not show the concept (single
+    objects, aliases and pairs, every colour and fill); elsewhere the preset's anchor prompts."""
+    if not concept.kind.startswith("toy"):
+        return list(concept.anchors)
+    import numpy as np
+
+    from erasure.toyworld import data
+
+    rng, out = np.random.default_rng(seed), []
+    while len(out) < n:
+        scene = data.sample_scene(rng)
+        if not data.contains(scene, concept.name):
+            out.append(scene.caption)
+    return out
+
+
+def pair_prompts(concept, seed: int, n: int = 256, swap: bool = False) -> list[tuple[str, str]]:
+    """``pair_fraction``: ``n`` toy two-object captions naming the concept, each with its other object alone."""
+    if not concept.kind.startswith("toy"):
+        raise UserError("spm: --pair-fraction needs a toy concept (two-object captions come from the toy world)")
+    import numpy as np
+
+    from erasure.toyworld import data
+
+    rng = np.random.default_rng(seed + 1)
+    pairs = [data.concept_pair(concept.name, rng) for _ in range(n)]
+    if swap:
+        import re
+
+        from erasure.concepts import toy_word
+
+        word = toy_word(concept, concept.substitute, "spm: the substitute")
+        named = re.compile(rf"\b{re.escape(concept.name)}\b")
+        pairs = [(p, data.articles(named.sub(word, p))) for p, _ in pairs]
+    return pairs
+
+
 class SPM:
     """Trains one membrane on ``pipe.unet``; its parameters are the membrane's lora_down / lora_up."""
 
@@ -63,8 +111,14 @@ class SPM:
         self.sampler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.targets = encode(pipe, list(concept.prompts))  # (P, L, D)
         self.surrogate = encode(pipe, [concept.surrogate])  # (1, L, D)
+        self.pairs = None  # two-object captions naming the concept and their other object alone: (2, Q, L, D)
+        if config.pair_fraction > 0:
+            pairs = pair_prompts(concept, run.seed, swap=config.pair_target == "swap")
+            self.pairs = torch.stack([encode(pipe, [p for p, _ in pairs]), encode(pipe, [o for _, o in pairs])])
         self.empty = encode(pipe, [""])
         anchors = list(concept.anchors) if config.anchor_source in ("prompts", "both") else []
+        if config.anchor_source == "captions":
+            anchors = anchor_captions(concept, run.seed)
         self.anchor_prompts = encode(pipe, anchors) if anchors else None
 
     def _on(self, on: bool) -> None:
@@ -72,6 +126,8 @@ class SPM:
 
     def _anchors(self, target: torch.Tensor, gen) -> torch.Tensor:
         cfg, parts = self.config, [self.empty]
+        if cfg.anchor_source == "captions":
+            parts = []
         if cfg.anchor_source in ("random", "both"):
             parts.append(random_anchors(target, cfg.anchor_samples, gen))
         if self.anchor_prompts is not None:
@@ -82,14 +138,20 @@ class SPM:
     def loss(self, gen: torch.Generator) -> torch.Tensor:
         cfg = self.config
         idx = torch.randint(len(self.targets), (cfg.batch_size,), generator=gen)
-        tar = self.targets[idx]  # (B, L, D)
-        sur = self.surrogate.expand_as(tar)
+        tar, sur = self.targets[idx], self.surrogate.expand(cfg.batch_size, -1, -1)  # (B, L, D) ×2
+        if self.pairs is not None:  # some rows: a pair naming the concept → its other object alone
+            use = torch.rand(cfg.batch_size, generator=gen) < cfg.pair_fraction
+            pick = torch.randint(self.pairs.shape[1], (cfg.batch_size,), generator=gen)
+            tar = torch.where(use.view(-1, 1, 1), self.pairs[0][pick], tar)
+            sur = torch.where(use.view(-1, 1, 1), self.pairs[1][pick], sur)
         stop = int(torch.randint(1, cfg.ddim_steps, (1,), generator=gen))
+        anc = self._anchors(self.targets[idx[0]], gen)  # (A, L, D)
+        own = cfg.anchor_latents == "own"
+        cond = torch.cat([tar, anc]) if own else tar
         self._on(True)  # x_t is sampled with the membrane on (SPM train loop)
-        z, t = partial_ddim(self.unet, self.sampler, tar, self.empty.expand_as(tar), n_steps=cfg.ddim_steps,
+        z, t = partial_ddim(self.unet, self.sampler, cond, self.empty.expand_as(cond), n_steps=cfg.ddim_steps,
                             stop_at=stop, guidance=cfg.start_guidance, gen=gen)
-        anc = self._anchors(self.targets[idx[0]], gen)
-        za = z[:1].expand(len(anc), -1, -1, -1)
+        z, za = z.split([len(tar), len(anc)]) if own else (z, z[:1].expand(len(anc), -1, -1, -1))
         tb, ta = t.expand(len(tar)).to(z.device), t.expand(len(anc)).to(z.device)
         self._on(False)
         with torch.no_grad():

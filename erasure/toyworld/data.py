@@ -12,6 +12,7 @@ Every image is drawn at 4× resolution and box-filtered down, so edges are anti-
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -339,6 +340,21 @@ def sample_concept(concept: str, rng: np.random.Generator, substitute: str | Non
     if substitute is not None:
         swapped = articles(template.format(**{k: substitute if v == concept else v for k, v in words.items()}))
     return Scene([_single_obj(shape, colour, fill, rng)], _background(rng), caption, "single"), swapped
+
+
+def concept_pair(concept: str, rng: np.random.Generator) -> tuple[str, str]:
+    """A two-object caption naming ``concept`` (a shape, colour or fill) on one object, and the caption of the other
+    object alone ("a red circle and a blue square" → "a blue square"): what the scene should become once the
+    concept is erased from it."""
+    while True:
+        scene = sample_pair(rng)
+        objs = scene.objects
+        hit = [concept in (o.shape, o.colour, o.fill) for o in objs]
+        if hit.count(True) == 1 and re.search(rf"\b{re.escape(concept)}\b", scene.caption):
+            other = objs[hit.index(False)]
+            named_fill = any(f in scene.caption for f in FILLS)
+            words = [w for w in (other.fill if named_fill else None, other.colour, other.shape) if w]
+            return scene.caption, articles("a " + " ".join(words))
 
 
 def make_dataset(n: int, seed: int) -> tuple[np.ndarray, list[Scene]]:
