@@ -78,6 +78,7 @@ class SPMConfig:
                             "elsewhere the preset's anchor prompts)", choices=("random", "prompts", "both", "captions"))
     pair_fraction: float = _f(0.0, "toy world: share of each batch drawn from two-object captions naming the concept, "
                               "each steered to its other object alone instead of the surrogate (0: none, as SPM)")
+    pair_eta: float = _f(1.0, "η of those pair rows (0: steer them to their target without pushing away)")
     pair_target: str = _f("other", "what those pairs are steered to: the 'other' object alone, or the caption with the "
                           "concept's word 'swap'ped for the preset's substitute", choices=("other", "swap"))
     anchor_latents: str = _f("target", "x_t of the anchors: the 'target' prompt's trajectory (SPM code) or each "

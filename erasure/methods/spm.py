@@ -34,8 +34,9 @@ from pipelines.text import encode
 MEMBRANE = "spm"  # the name of the membrane being trained on the UNet's layers
 
 
-def erase_loss(eps_spm_tar, eps_tar, eps_sur, eta: float) -> torch.Tensor:
-    """Eq. 4, per sample: (B, 4, h, w) ×3 → (B,)."""
+def erase_loss(eps_spm_tar, eps_tar, eps_sur, eta) -> torch.Tensor:
+    """Eq. 4, per sample: (B, 4, h, w) ×3, η a float or (B,) → (B,)."""
+    eta = torch.as_tensor(eta, dtype=eps_tar.dtype, device=eps_tar.device).reshape(-1, 1, 1, 1)
     target = eps_sur - eta * (eps_tar - eps_sur)
     return ((eps_spm_tar - target) ** 2).flatten(1).mean(1)
 
@@ -139,11 +140,13 @@ class SPM:
         cfg = self.config
         idx = torch.randint(len(self.targets), (cfg.batch_size,), generator=gen)
         tar, sur = self.targets[idx], self.surrogate.expand(cfg.batch_size, -1, -1)  # (B, L, D) ×2
+        eta = torch.full((cfg.batch_size,), cfg.eta)
         if self.pairs is not None:  # some rows: a pair naming the concept → its other object alone
             use = torch.rand(cfg.batch_size, generator=gen) < cfg.pair_fraction
             pick = torch.randint(self.pairs.shape[1], (cfg.batch_size,), generator=gen)
             tar = torch.where(use.view(-1, 1, 1), self.pairs[0][pick], tar)
             sur = torch.where(use.view(-1, 1, 1), self.pairs[1][pick], sur)
+            eta = torch.where(use, cfg.pair_eta, cfg.eta)
         stop = int(torch.randint(1, cfg.ddim_steps, (1,), generator=gen))
         anc = self._anchors(self.targets[idx[0]], gen)  # (A, L, D)
         own = cfg.anchor_latents == "own"
@@ -160,7 +163,7 @@ class SPM:
         self._on(True)
         out = self.unet(torch.cat([z, za]), torch.cat([tb, ta]), torch.cat([tar, anc])).sample
         spm_tar, spm_anc = out.split([len(tar), len(anc)])
-        return erase_loss(spm_tar, eps_tar, eps_sur, cfg.eta).mean() + cfg.anchor_weight * anchor_loss(spm_anc, eps_anc).mean()
+        return erase_loss(spm_tar, eps_tar, eps_sur, eta).mean() + cfg.anchor_weight * anchor_loss(spm_anc, eps_anc).mean()
 
     # -- what the training loop and the CLI need ------------------------------------------------------------------
     def optimizer(self, lr: float) -> torch.optim.Optimizer:
