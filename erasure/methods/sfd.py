@@ -127,12 +127,7 @@ def toy_prompts(concept, n: int, seed: int, override: str | None = None):
         if data.contains(scene, concept.name) and named.search(scene.caption):
             forget.append(scene.caption)
             over.append(data.articles(named.sub(word, scene.caption)))
-    remain = []
-    while len(remain) < n:
-        scene = data.sample_scene(rng)
-        if not data.contains(scene, concept.name):
-            remain.append(scene.caption)
-    return remain, forget, over
+    return data.captions_without(concept.name, n, rng), forget, over
 
 
 def real_prompts(concept, remain_file: str | None, override: str | None):

@@ -65,12 +65,7 @@ def anchor_captions(concept, seed: int, n: int = 512) -> list[str]:
 
     from erasure.toyworld import data
 
-    rng, out = np.random.default_rng(seed), []
-    while len(out) < n:
-        scene = data.sample_scene(rng)
-        if not data.contains(scene, concept.name):
-            out.append(scene.caption)
-    return out
+    return data.captions_without(concept.name, n, np.random.default_rng(seed))
 
 
 def pair_prompts(concept, seed: int, n: int = 256, swap: bool = False) -> list[tuple[str, str]]:
@@ -126,9 +121,8 @@ class SPM:
         membrane.set_gates(self.unet, {MEMBRANE: 1.0 if on else 0.0})
 
     def _anchors(self, target: torch.Tensor, gen) -> torch.Tensor:
-        cfg, parts = self.config, [self.empty]
-        if cfg.anchor_source == "captions":
-            parts = []
+        cfg = self.config
+        parts = [] if cfg.anchor_source == "captions" else [self.empty]
         if cfg.anchor_source in ("random", "both"):
             parts.append(random_anchors(target, cfg.anchor_samples, gen))
         if self.anchor_prompts is not None:

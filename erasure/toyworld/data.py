@@ -342,6 +342,16 @@ def sample_concept(concept: str, rng: np.random.Generator, substitute: str | Non
     return Scene([_single_obj(shape, colour, fill, rng)], _background(rng), caption, "single"), swapped
 
 
+def captions_without(concept: str, n: int, rng: np.random.Generator) -> list[str]:
+    """``n`` captions of sampled scenes (single objects, aliases, pairs) in which no object shows ``concept``."""
+    out = []
+    while len(out) < n:
+        scene = sample_scene(rng)
+        if not contains(scene, concept):
+            out.append(scene.caption)
+    return out
+
+
 def concept_pair(concept: str, rng: np.random.Generator) -> tuple[str, str]:
     """A two-object caption naming ``concept`` (a shape, colour or fill) on one object, and the caption of the other
     object alone ("a red circle and a blue square" → "a blue square"): what the scene should become once the
