@@ -143,12 +143,14 @@ def _check_container(path: Path) -> None:
         raise UserError(f"{path}: is a folder, expected a .safetensors file")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(_PICKLE_MAGIC):
+        head, brace = f.read(8), f.read(1)
+    n = int.from_bytes(head, "little") if len(head) == 8 else 0
+    looks_safetensors = brace == b"{" and 0 < n <= MAX_HEADER_BYTES and 8 + n <= size
+    # a safetensors header length may start with byte 0x80 too (e.g. 35,968 bytes): only its JSON brace tells them apart
+    if not looks_safetensors and head.startswith(_PICKLE_MAGIC):
         raise UserError(f"{path}: is a pickle/torch.save file; only .safetensors artifacts are loaded (pickles can run code)")
     if len(head) < 8:
         raise UserError(f"{path}: truncated or empty file, not a safetensors artifact")
-    n = int.from_bytes(head, "little")
     if n > MAX_HEADER_BYTES or 8 + n > size:
         raise UserError(f"{path}: corrupt or truncated safetensors file (header claims {n} bytes, file has {size})")
 

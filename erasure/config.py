@@ -83,6 +83,11 @@ class SPMConfig:
                           "concept's word 'swap'ped for the preset's substitute", choices=("other", "swap"))
     anchor_latents: str = _f("target", "x_t of the anchors: the 'target' prompt's trajectory (SPM code) or each "
                              "anchor's 'own' partial DDIM trajectory", choices=("target", "own"))
+    lr_schedule: str = _f("constant", "learning-rate schedule: 'constant', or 'cosine' decay to 0 over the steps "
+                          "(the SPM code: cosine with restarts after 500 warm-up steps)", choices=("constant", "cosine"))
+    layers: str = _f("all", "layers the membrane wraps: 'all' Linear / Conv2d of the transformer blocks (SPM), or only "
+                     "the cross-attention key / value projections ('cross-kv': a per-token edit of the text)",
+                     choices=("all", "cross-kv"))
 
 
 @dataclass

@@ -195,3 +195,30 @@ def test_caption_anchors_and_pairs_never_show_the_concept():
         assert all(word in pair for word in other.split()[1:]), (pair, other)
     swapped = pair_prompts(circle, seed=0, n=5, swap=True)
     assert all("circle" not in s and "square" in s for _, s in swapped)
+
+
+def test_cross_kv_membrane_wraps_only_the_text_projections_and_loads(tmp_path):
+    """--layers cross-kv: the membrane edits the cross-attention keys / values alone (each text token on its own);
+    its file covers just those layers, loads onto a fresh pipeline and changes its images."""
+    out = tmp_path / "kv.safetensors"
+    assert main(["--concept", "circle", "--model", "toy", "--method", "spm", "--steps", "3", "--ddim-steps", "2",
+                 "--layers", "cross-kv", "--lr", "0.05", "--lr-schedule", "cosine", "--quiet", "--output", str(out)]) == 0
+    art = load_artifact(out)
+    prefixes = {k.rsplit(".lora_", 1)[0] for k in art.tensors if ".lora_" in k}
+    assert len(prefixes) == 14 and all(p.endswith(("attn2_to_k", "attn2_to_v")) for p in prefixes), sorted(prefixes)[:3]
+    assert art.metadata["config"]["layers"] == "cross-kv" and art.metadata["config"]["lr_schedule"] == "cosine"
+    pipe = pipelines.load("toy")
+    handle = pipelines.attach_membranes(pipe, [out], transport=False)
+    wrapped = membrane.membrane_layers(pipe.unet)
+    assert len(wrapped) == 14 and all(p.endswith(("attn2.to_k", "attn2.to_v")) for p in wrapped)
+    handle.detach()
+    assert not membrane.membrane_layers(pipe.unet)
+
+
+def test_lr_schedules():
+    from erasure.methods.base import lr_factor
+
+    assert [lr_factor("constant", s, 10) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    cos = [lr_factor("cosine", s, 100) for s in range(100)]
+    assert cos[0] == 1.0 and abs(cos[50] - 0.5) < 1e-9 and 0 < cos[-1] < 1e-3
+    assert all(a > b for a, b in zip(cos, cos[1:])), "cosine decays monotonically"

@@ -58,6 +58,9 @@ def test_nudity_preset_defaults_to_sd14_with_the_papers_variant(capsys):
     (["--concept", "circle", "--output", "x.pt"], "must end in .safetensors"),
     (["--concept", "circle", "--model", "/no/such/folder"], "toy-world concept"),
     (["--concept", "a dog", "--model", "/no/such/folder"], "/no/such/folder"),
+    (["--concept", "circle", "--pair-fraction", "1.5"], "--pair-fraction must be between 0 and 1"),
+    # refused before the (missing) model is looked at
+    (["--concept", "a dog", "--model", "/no/such/folder", "--pair-fraction", "0.5"], "needs a toy concept"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, match, capsys, tmp_path):
     assert main(argv + ["--output", str(tmp_path / "o.safetensors")] if "--output" not in argv else argv) == 2

@@ -6,6 +6,7 @@ A method subclasses :class:`FineTuneMethod` and provides ``trainable_names()`` a
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -213,6 +214,13 @@ def _load_checkpoint(path: Path, method: FineTuneMethod, opt, gen: torch.Generat
     return step, history
 
 
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """Multiplier of the base learning rate at ``step`` of ``steps``: "constant" 1, or "cosine" from 1 down to 0."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
+    return 1.0
+
+
 def fit(method: FineTuneMethod, *, steps: int, lr: float, output: Path, seed: int, accelerator,
         checkpoint_every: int = 100, resume: bool = False, quiet: bool = False, log_every: int = 25) -> list[float]:
     """Train ``method`` for ``steps`` Adam steps → loss history. Checkpoints next to ``output``; ``resume`` continues
@@ -226,7 +234,10 @@ def fit(method: FineTuneMethod, *, steps: int, lr: float, output: Path, seed: in
     bar = tqdm(total=steps, initial=start, desc=f"{method.name} {method.concept.name}", dynamic_ncols=True,
                disable=quiet or not sys.stderr.isatty())
     t0 = time.time()
+    schedule = getattr(getattr(method, "config", None), "lr_schedule", "constant")
     for step in range(start, steps):
+        for group in opt.param_groups:  # a function of the step alone: resuming needs no scheduler state
+            group["lr"] = lr * lr_factor(schedule, step, steps)
         with accelerator.autocast():
             loss = method.loss(gen)
         if not torch.isfinite(loss):

@@ -68,6 +68,22 @@ def anchor_captions(concept, seed: int, n: int = 512) -> list[str]:
     return data.captions_without(concept.name, n, np.random.default_rng(seed))
 
 
+def membrane_paths(unet, layers: str) -> list[str] | None:
+    """``layers``: None for every target layer ("all"), else the paths of the cross-attention key / value
+    projections ("cross-kv"), which see each text token on its own."""
+    if layers == "all":
+        return None
+    return [p for p in membrane.target_layers(unet) if p.endswith(("attn2.to_k", "attn2.to_v"))]
+
+
+def check_config(config, concept) -> None:
+    """Refuse bad SPM options before any model is loaded (one line each)."""
+    if not 0.0 <= config.pair_fraction <= 1.0:
+        raise UserError(f"--pair-fraction must be between 0 and 1 (got {config.pair_fraction})")
+    if config.pair_fraction > 0 and not concept.kind.startswith("toy"):
+        raise UserError("spm: --pair-fraction needs a toy concept (two-object captions come from the toy world)")
+
+
 def pair_prompts(concept, seed: int, n: int = 256, swap: bool = False) -> list[tuple[str, str]]:
     """``pair_fraction``: ``n`` toy two-object captions naming the concept, each with its other object alone."""
     if not concept.kind.startswith("toy"):
@@ -102,7 +118,8 @@ class SPM:
         self.unet = pipe.unet
         self.unet.requires_grad_(False)
         init = torch.Generator().manual_seed(run.seed)  # the membrane's lora_down init: same seed, same membrane
-        branches = membrane.attach(self.unet, MEMBRANE, rank=config.rank, alpha=config.alpha, generator=init)
+        branches = membrane.attach(self.unet, MEMBRANE, rank=config.rank, alpha=config.alpha,
+                                   layers=membrane_paths(self.unet, config.layers), generator=init)
         self.params = {f"{p}.{k}": v for p, b in branches.items() for k, v in b.named_parameters()}
         self.sampler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.targets = encode(pipe, list(concept.prompts))  # (P, L, D)
