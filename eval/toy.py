@@ -151,8 +151,8 @@ def attach_all(pipe, artifacts: Sequence, similarity: str | None = None) -> None
     arts = [a if isinstance(a, Artifact) else load_artifact(a) for a in artifacts]
     membranes = [a for a in arts if a.kind == "membrane"]
     if membranes:
-        kw = {"similarity": similarity} if similarity else {}
-        pipelines.attach_membranes(pipe, membranes, transport=True, **kw)
+        pipelines.attach_membranes(pipe, membranes, transport=True,
+                                   similarity=similarity or pipelines.membranes.SIMILARITY)
     for a in arts:
         if a.kind != "membrane":
             pipelines.apply(pipe, a)

@@ -208,11 +208,14 @@ def test_cross_kv_membrane_wraps_only_the_text_projections_and_loads(tmp_path):
     assert len(prefixes) == 14 and all(p.endswith(("attn2_to_k", "attn2_to_v")) for p in prefixes), sorted(prefixes)[:3]
     assert art.metadata["config"]["layers"] == "cross-kv" and art.metadata["config"]["lr_schedule"] == "cosine"
     pipe = pipelines.load("toy")
+    before = _image(pipe, "a red circle")
     handle = pipelines.attach_membranes(pipe, [out], transport=False)
     wrapped = membrane.membrane_layers(pipe.unet)
     assert len(wrapped) == 14 and all(p.endswith(("attn2.to_k", "attn2.to_v")) for p in wrapped)
+    assert abs(_image(pipe, "a red circle") - before).max() > 1e-3, "the trained membrane changes the image"
     handle.detach()
     assert not membrane.membrane_layers(pipe.unet)
+    assert abs(_image(pipe, "a red circle") - before).max() == 0, "detached: the base model's image again"
 
 
 def test_lr_schedules():

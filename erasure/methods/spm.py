@@ -80,14 +80,18 @@ def check_config(config, concept) -> None:
     """Refuse bad SPM options before any model is loaded (one line each)."""
     if not 0.0 <= config.pair_fraction <= 1.0:
         raise UserError(f"--pair-fraction must be between 0 and 1 (got {config.pair_fraction})")
-    if config.pair_fraction > 0 and not concept.kind.startswith("toy"):
+    if config.pair_fraction > 0:
+        _need_toy(concept)
+
+
+def _need_toy(concept) -> None:
+    if not concept.kind.startswith("toy"):
         raise UserError("spm: --pair-fraction needs a toy concept (two-object captions come from the toy world)")
 
 
 def pair_prompts(concept, seed: int, n: int = 256, swap: bool = False) -> list[tuple[str, str]]:
     """``pair_fraction``: ``n`` toy two-object captions naming the concept, each with its other object alone."""
-    if not concept.kind.startswith("toy"):
-        raise UserError("spm: --pair-fraction needs a toy concept (two-object captions come from the toy world)")
+    _need_toy(concept)
     import numpy as np
 
     from erasure.toyworld import data
