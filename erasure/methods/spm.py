@@ -59,7 +59,7 @@ def random_anchors(target: torch.Tensor, n: int, gen: torch.Generator) -> torch.
 def anchor_captions(concept, seed: int, n: int = 512) -> list[str]:
     """``anchor_source="captions"``: on the toy world, ``n`` captions of scenes that do not show the concept (single
     objects, aliases and pairs, every colour and fill); elsewhere the preset's anchor prompts."""
-    if not concept.kind.startswith("toy"):
+    if not concept.is_toy:
         return list(concept.anchors)
     import numpy as np
 
@@ -85,7 +85,7 @@ def check_config(config, concept) -> None:
 
 
 def _need_toy(concept) -> None:
-    if not concept.kind.startswith("toy"):
+    if not concept.is_toy:
         raise UserError("spm: --pair-fraction needs a toy concept (two-object captions come from the toy world)")
 
 
