@@ -44,6 +44,10 @@ class MembraneBranch(nn.Module):
     def scale(self) -> float:
         return float(self.alpha) / self.rank
 
+    def scale_tensor(self, dtype: torch.dtype) -> torch.Tensor:
+        """s = alpha / rank as a 0-d tensor on the membrane's device: no host sync in the forward pass."""
+        return self.alpha.to(dtype) / self.rank
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s · U D with the base weight's shape."""
         up, down = self.lora_up.weight, self.lora_down.weight
@@ -52,7 +56,7 @@ class MembraneBranch(nn.Module):
         return (up @ down) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_up(self.lora_down(x)) * self.scale
+        return self.lora_up(self.lora_down(x) * self.scale_tensor(x.dtype))
 
 
 def _broadcast_gate(gate, y: torch.Tensor):
@@ -94,10 +98,10 @@ class MembraneLayer(nn.Module):
             gate = self.gates.get(name, 1.0)
             if name not in self.merged and (isinstance(gate, torch.Tensor) or gate != 0):
                 active.append((branch, gate))
-        if len(active) == 1:
+        if len(active) == 1:  # γ s U (D x): scaled in the rank-r bottleneck, not on the layer's whole output
             branch, gate = active[0]
-            d = branch(x)
-            return y + _broadcast_gate(gate, d) * d
+            h = branch.lora_down(x)
+            return y + branch.lora_up(h * _broadcast_gate(gate, h) * branch.scale_tensor(h.dtype))
         if active:
             return y + self._stacked(x, active)
         return y
@@ -109,7 +113,7 @@ class MembraneLayer(nn.Module):
         cols = []
         for branch, gate in active:
             g = gate.to(x.device, x.dtype) if isinstance(gate, torch.Tensor) else x.new_full((n,), float(gate))
-            cols.append((g * branch.scale).view(-1, 1).expand(n, branch.rank))
+            cols.append((g * branch.scale_tensor(x.dtype)).view(-1, 1).expand(n, branch.rank))
         scale = torch.cat(cols, 1)  # (B, Σr)
         down = torch.cat([b.lora_down.weight for b, _ in active], 0)
         up = torch.cat([b.lora_up.weight for b, _ in active], 1)
