@@ -40,10 +40,6 @@ class MembraneBranch(nn.Module):
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.to(device=base.weight.device, dtype=base.weight.dtype)
 
-    @property
-    def scale(self) -> float:
-        return float(self.alpha) / self.rank
-
     def scale_tensor(self, dtype: torch.dtype) -> torch.Tensor:
         """s = alpha / rank as a 0-d tensor on the membrane's device: no host sync in the forward pass."""
         return self.alpha.to(dtype) / self.rank
@@ -52,8 +48,8 @@ class MembraneBranch(nn.Module):
         """ΔW = s · U D with the base weight's shape."""
         up, down = self.lora_up.weight, self.lora_down.weight
         if down.ndim == 4:  # conv: (out, r, 1, 1) @ (r, in, kh, kw)
-            return torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down) * self.scale
-        return (up @ down) * self.scale
+            return torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down) * self.scale_tensor(up.dtype)
+        return (up @ down) * self.scale_tensor(up.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora_up(self.lora_down(x) * self.scale_tensor(x.dtype))
