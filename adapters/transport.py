@@ -2,28 +2,35 @@
 
     γ_c(p) = max( s_f(c, p), s_t(c, p) )                                   (paper Eqs. 10–11)
 
-s_f is the cosine similarity of the text encoder's last hidden states of prompt p and of the membrane's concept
-prompts; s_t = |T(c) ∩ T(p)| / |T(c)| is the overlap of their token ids, special tokens excluded. A membrane with
-several concept prompts takes the max over them. Two ways to compare hidden states (``similarity``):
+s_f is the cosine similarity of the text encoder's last hidden states of prompt p and of the membrane's targets (the
+concept itself, e.g. "circle" or "nudity", as the SPM release stores it; files from before ``targets`` existed use
+their training prompts); s_t = |T(c) ∩ T(p)| / |T(c)| is the overlap of their token ids, special tokens excluded. A
+membrane with several targets takes the max over them. Two ways to compare hidden states (``similarity``):
 
 - ``"flat"`` — all 77 positions flattened into one vector, as the SPM code does. Every short prompt shares the
-  padding positions, so unrelated prompts still score high (0.78–0.96 for the other shapes against "a circle" on the
-  toy world) and the membrane stays mostly open for them.
+  padding positions, so unrelated prompts still score high (toy world, against "circle" / "red" / "striped": 0.77 /
+  0.80 / 0.82 on average over the 90 single-object prompts naming none of them) and a membrane stays mostly open
+  for them; prompts that imply the concept without naming it score higher (circle's aliases: 0.90).
 - ``"eos"`` — the state at the end-of-text token, the encoder's summary of the prompt (CLIP's pooled output):
-  unrelated prompts score low (0.13–0.81, mean 0.39 on the same prompts) while prompts that imply the concept
-  without naming it stay high (aliases: 0.75–1.00). Rows the text encoder did not produce fall back to ``"flat"``.
-  Measured with the toy circle membrane (2 images per prompt), flat → eos: other shapes kept 0.78 → 0.86, the other
-  object in pairs 0.64 → 0.75, but circle on alias prompts 0.08 → 0.33 and, on all 156 prompts without a circle,
-  shape 0.78 → 0.74, colour 0.38 → 0.40: the damage is done by the membrane even at a low γ, so ``"flat"`` (the
-  paper's) stays the default.
+  unrelated prompts score low (0.11 / 0.20 / 0.13 on the same prompts), but so do many aliases (circle's: 0.53, from
+  0.01 to 0.89), which are then erased less. Rows the text encoder did not produce fall back to ``"flat"``.
+
+Measured on the toy world (README, "SPM"): one membrane erases its aliases best under ``"flat"``; several stacked
+keep the prompts that name none of them intact only under ``"eos"``.
 
 Differences from the original code, on purpose:
 
 - γ multiplies the membrane's output, so the combination is **linear** in γ (paper Eq. 9). The original code scales
   both factors (γ² for one membrane) and sums the factors of several membranes (cross terms U_i·D_j).
-- γ is computed **once per prompt**: a hook on the text encoder scores each prompt as it is encoded; a pre-hook on the
-  UNet reads the rows of ``encoder_hidden_states`` it receives, so every row of a batch — each prompt, and each CFG
-  branch — gets its own γ, and the score is reused across denoising steps (the same tensor is passed every step).
+- γ is computed **once per prompt**: a hook on the text encoder scores each prompt as it is encoded (whole batches:
+  the last few encoder calls are remembered, not a fixed number of rows); a pre-hook on the UNet reads the rows of
+  ``encoder_hidden_states`` it receives, so every prompt of a batch gets its own γ, reused across denoising steps
+  (the same tensor is passed every step). Under CFG a negative row takes its prompt's γ (``pair_negatives``, the
+  default), so one γ per prompt acts in both branches, as in the SPM code. Scored by its own text instead
+  (``pair_negatives=False``), the empty negative prompt keeps a membrane open in the unconditional branch for every
+  prompt (about 0.9 under ``"flat"``; the striped membrane 0.92 under ``"eos"``), a change CFG amplifies by w − 1:
+  measured on the toy world, the circle membrane then keeps less of the pairs (0.75 vs 0.80) and a stack under
+  ``"eos"`` moves unrelated images three times as much (README, "SPM").
 - Rows the text encoder did not produce (``prompt_embeds`` passed in directly) are scored by s_f alone.
 """
 
@@ -35,6 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from adapters.membrane import set_gates
+
+MEMORY_CALLS = 8  # text-encoder calls remembered: enough for one SDXL generation with CFG (2 encoders × 2 calls)
 
 
 @dataclass
@@ -64,6 +73,15 @@ def permeability(row: torch.Tensor, tokens: set[int] | None, concept: MembraneCo
     return min(max(s_f, s_t, 0.0), 1.0)
 
 
+def cfg_layout(calls: list[int]) -> bool:
+    """Whether a batch is a CFG batch [negative; positive], judged by the text-encoder call that produced each row
+    (0: unknown): diffusers encodes the prompts, then the negative prompts, and puts the negatives first."""
+    n = len(calls) // 2
+    if n == 0 or len(calls) % 2 or 0 in calls:
+        return False
+    return min(calls[:n]) > max(calls[n:])
+
+
 @dataclass
 class Transport:
     """Hooks on a pipeline's text encoder and UNet that gate membranes per prompt."""
@@ -72,7 +90,9 @@ class Transport:
     special_ids: set[int]
     enabled: bool = True
     eos_id: int | None = None  # the end-of-text token id: with it, s_f compares end-of-text states ("eos")
-    _seen: list = field(default_factory=list)  # [(hidden row (L, D), token set, eos position)] of recent prompts
+    pair_negatives: bool = True  # under CFG, negative rows take their prompt's γ (the SPM code), not their own
+    _seen: list = field(default_factory=list)  # [(call no., hidden (N, L, D), token sets, eos positions)] per call
+    _calls: int = 0  # text-encoder calls so far
     _last: tuple = (None, None)  # (encoder_hidden_states object, gates) of the last UNet call
     _handles: list = field(default_factory=list)
 
@@ -81,23 +101,43 @@ class Transport:
         hidden = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
         if ids is None:
             return
-        for row_ids, row in zip(ids.tolist(), hidden.detach()):
-            eos = row_ids.index(self.eos_id) if self.eos_id in row_ids else None
-            self._seen.append((row, set(row_ids) - self.special_ids, eos))
-        del self._seen[:-64]  # a bounded memory of recent prompts
+        rows = ids.tolist()
+        tokens = [set(r) - self.special_ids for r in rows]
+        eos = [r.index(self.eos_id) if self.eos_id in r else None for r in rows]
+        self._calls += 1
+        self._seen.append((self._calls, hidden.detach(), tokens, eos))
+        # The calls of one generation (prompts, negative prompts, a second text encoder) — whole batches of any size.
+        del self._seen[:-MEMORY_CALLS]
 
-    def _lookup(self, row: torch.Tensor) -> tuple[set[int] | None, int | None]:
-        """(token set, end-of-text position) of a row the text encoder produced, else (None, None)."""
-        for seen, tokens, eos in reversed(self._seen):
-            if seen.shape[0] == row.shape[0] and seen.shape[-1] <= row.shape[-1] and torch.allclose(
-                    seen.to(row.device, row.dtype), row[..., : seen.shape[-1]], atol=1e-3, rtol=1e-3):
-                return tokens, eos
-        return None, None
+    def _lookup(self, ehs: torch.Tensor) -> list[tuple[set[int] | None, int | None, int]]:
+        """(token set, end-of-text position, call no.) of each row of ``ehs`` (B, L, D) that the text encoder
+        produced, else (None, None, 0). A cheap per-position signature finds candidates, ``allclose`` confirms."""
+        found: list = [(None, None, 0)] * len(ehs)
+        for call, hidden, tokens, eos in reversed(self._seen):
+            todo = [i for i, f in enumerate(found) if f[0] is None]
+            if not todo or hidden.shape[1] != ehs.shape[1] or hidden.shape[-1] > ehs.shape[-1]:
+                continue
+            h = hidden.to(ehs.device, torch.float32)
+            rows = ehs[todo][..., : h.shape[-1]].float()
+            near = (rows.mean(-1)[:, None] - h.mean(-1)[None]).abs().amax(-1) <= 1e-3 + 1e-3 * rows.abs().amax((1, 2))[:, None]
+            for k, i in enumerate(todo):
+                for j in near[k].nonzero().flatten().tolist():
+                    if torch.allclose(h[j], rows[k], atol=1e-3, rtol=1e-3):
+                        found[i] = (tokens[j], eos[j], call)
+                        break
+        return found
 
     def gates_for(self, ehs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """γ per membrane for every row of ``encoder_hidden_states`` (B, L, D) → {name: (B,)}."""
-        found = [self._lookup(r) for r in ehs]
-        return {c.name: torch.tensor([permeability(r, t, c, e) * c.scale for r, (t, e) in zip(ehs, found)])
+        """γ per membrane for every row of ``encoder_hidden_states`` (B, L, D) → {name: (B,)}. With
+        ``pair_negatives``, under CFG ([negative; positive] rows) each negative row takes its prompt's γ."""
+        found = self._lookup(ehs)
+        n = len(ehs) // 2
+        if self.pair_negatives and cfg_layout([f[2] for f in found]):
+            return {k: torch.cat([g, g]) for k, g in self._gates(ehs[n:], found[n:]).items()}
+        return self._gates(ehs, found)
+
+    def _gates(self, ehs, found) -> dict[str, torch.Tensor]:
+        return {c.name: torch.tensor([permeability(r, t, c, e) * c.scale for r, (t, e, _) in zip(ehs, found)])
                 for c in self.concepts}
 
     def _on_unet(self, module, args, kwargs):

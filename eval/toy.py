@@ -141,9 +141,10 @@ def _quality(expected, seen) -> dict:
     }
 
 
-def attach_all(pipe, artifacts: Sequence, similarity: str | None = None) -> None:
+def attach_all(pipe, artifacts: Sequence, similarity: str | None = None, pair_negatives: bool = True) -> None:
     """Membranes go on together (one facilitated-transport gate per membrane and prompt; ``similarity``: the
-    transport's text similarity, default :data:`pipelines.membranes.SIMILARITY`); other kinds one by one.
+    transport's text similarity, default :data:`pipelines.membranes.SIMILARITY`; ``pair_negatives``: CFG's negative
+    rows take their prompt's γ); other kinds one by one.
     ``artifacts``: paths or loaded :class:`~adapters.artifact.Artifact` objects."""
     import pipelines
     from adapters.artifact import Artifact, load_artifact
@@ -152,7 +153,8 @@ def attach_all(pipe, artifacts: Sequence, similarity: str | None = None) -> None
     membranes = [a for a in arts if a.kind == "membrane"]
     if membranes:
         pipelines.attach_membranes(pipe, membranes, transport=True,
-                                   similarity=similarity or pipelines.membranes.SIMILARITY)
+                                   similarity=similarity or pipelines.membranes.SIMILARITY,
+                                   pair_negatives=pair_negatives)
     for a in arts:
         if a.kind != "membrane":
             pipelines.apply(pipe, a)
@@ -171,7 +173,8 @@ def toy_fid(records, images, seed: int = 0) -> float:
 
 def erasure_report(model: str, artifacts: Sequence[str], concepts: Sequence[str], judge=None, *,
                    erased_model: str | None = None, images_per_prompt: int = 1, seed: int = 0, steps: int = 25,
-                   guidance: float = GUIDANCE, batch_size: int = 128, similarity: str | None = None) -> dict:
+                   guidance: float = GUIDANCE, batch_size: int = 128, similarity: str | None = None,
+                   pair_negatives: bool = True) -> dict:
     """Before and after: each concept's rates (target, alias, pair) on the base model and on the erased one
     (``erased_model``, default the base, with ``artifacts`` applied: an SFD student is an erased model of its own),
     and the prompts that name none of the concepts (``rest``) — their shape / colour / fill rates, toy FID against
@@ -186,7 +189,7 @@ def erasure_report(model: str, artifacts: Sequence[str], concepts: Sequence[str]
     kw = dict(images_per_prompt=images_per_prompt, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size)
     rest = rest_prompts(concepts, seed)
     pipes = {"base": pipelines.load(model), "erased": pipelines.load(erased_model or model)}
-    attach_all(pipes["erased"], artifacts, similarity)
+    attach_all(pipes["erased"], artifacts, similarity, pair_negatives)
     report = {"concepts": {c: {} for c in concepts}, "rest": {"n_prompts": len(rest)}}
     images = {}
     for which, pipe in pipes.items():
@@ -225,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=GUIDANCE, help="CFG scale (default: the toy world's, %(default)s)")
     p.add_argument("--similarity", choices=("flat", "eos"),
                    help="facilitated transport's text similarity for membranes (default: the library's, flat)")
+    p.add_argument("--pair-negatives", action=argparse.BooleanOptionalAction, default=True,
+                   help="facilitated transport: CFG's negative rows take their prompt's gate, as the SPM code "
+                        "(default), or are scored on their own text (--no-pair-negatives)")
     p.add_argument("--quiet", action="store_true", help="no loading progress bars")
     args = p.parse_args(argv)
     if args.quiet:
@@ -241,14 +247,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.concept:
                 raise UserError("--compare needs --concept (one per erased concept)")
             report = erasure_report(args.model, arts, args.concept, judge, erased_model=args.erased_model,
-                                    similarity=args.similarity, **kw)
+                                    similarity=args.similarity, pair_negatives=args.pair_negatives, **kw)
         else:
             if args.erased_model:
                 raise UserError("--erased-model needs --compare (it is compared with --model)")
             if args.concept and len(args.concept) > 1:
                 raise UserError("several --concept values need --compare")
             pipe = pipelines.load(args.model)
-            attach_all(pipe, arts, args.similarity)
+            attach_all(pipe, arts, args.similarity, args.pair_negatives)
             report = base_quality(pipe, judge, **kw) if args.base else concept_report(pipe, judge, args.concept[0], **kw)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -42,8 +42,11 @@ def _groups(art: Artifact) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _prompts(art: Artifact) -> list[str]:
-    if art.metadata.get("prompts"):
-        return list(art.metadata["prompts"])
+    """What transport compares prompts with: the membrane's ``targets`` (the concept), else — files from before
+    ``targets`` existed — its training ``prompts``, else the original release's comma-joined ``prompts`` string."""
+    for key in ("targets", "prompts"):
+        if art.metadata.get(key):
+            return list(art.metadata[key])
     raw = art.raw_metadata.get("prompts", "")  # the original release: comma-joined
     return [p.strip() for p in raw.split(",") if p.strip()]
 
@@ -117,10 +120,12 @@ def _unique_name(unet, stem: str) -> str:
 
 
 def attach_membranes(pipe, files: Sequence[str | os.PathLike | Artifact], *, transport: bool = True,
-                     scales: Sequence[float] | None = None, similarity: str = SIMILARITY) -> AttachedMembranes:
+                     scales: Sequence[float] | None = None, similarity: str = SIMILARITY,
+                     pair_negatives: bool = True) -> AttachedMembranes:
     """Attach membrane files to ``pipe.unet``. With ``transport`` each membrane's γ is set per prompt from the text
-    similarity to its concept (facilitated transport; ``similarity``: ``"eos"`` or ``"flat"``, see
-    :mod:`adapters.transport`); without, γ is fixed at ``scales`` (default 1 each)."""
+    similarity to its concept (facilitated transport; ``similarity``: ``"eos"`` or ``"flat"``; ``pair_negatives``:
+    CFG's negative rows take their prompt's γ — see :mod:`adapters.transport`); without, γ is fixed at ``scales``
+    (default 1 each)."""
     scales = list(scales) if scales is not None else [1.0] * len(files)
     if len(scales) != len(files):
         raise UserError(f"{len(files)} membrane files but {len(scales)} scales")
@@ -142,7 +147,8 @@ def attach_membranes(pipe, files: Sequence[str | os.PathLike | Artifact], *, tra
         concepts = [_concept(pipe, n, prompts[n] or [""], s, special) for n, s in zip(names, scales)]
         encoders = [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
         eos_id = tok.eos_token_id if similarity == "eos" else None
-        handle.transport = Transport(concepts, special, eos_id=eos_id).install(encoders, pipe.unet)
+        handle.transport = Transport(concepts, special, eos_id=eos_id, pair_negatives=pair_negatives).install(
+            encoders, pipe.unet)
     else:
         membrane.set_gates(pipe.unet, dict(zip(names, scales)))
     return handle

@@ -58,6 +58,7 @@ def test_artifact_is_kohya_keyed_with_our_metadata_and_the_originals_strings(mem
     assert art.kind == "membrane" and art.metadata["layers"] == 192 and len(art.tensors) == 3 * 192
     assert all(k.startswith("lora_unet_") for k in art.tensors)
     assert art.raw_metadata["prompts"] == "a dog" and art.raw_metadata["rank"] == "1"
+    assert art.metadata["targets"] == ["a dog"]
     cfg = art.metadata["config"]
     assert (cfg["rank"], cfg["eta"], cfg["anchor_weight"]) == (1, 1.0, 1000.0)
     record = json.loads(membrane_file[0].with_suffix(".json").read_text())
@@ -130,7 +131,47 @@ def test_transport_gives_each_row_its_own_gate(sd_folder, membrane_file):
     hook.remove()
     assert len(seen) == 2 and all(g[handle.names[0]].shape == (4,) for g in seen)
     assert torch.equal(seen[0][handle.names[0]], seen[1][handle.names[0]])
+    # the negative rows take their prompt's γ (one γ per prompt in both CFG branches, as the SPM code)
+    g = seen[0][handle.names[0]]
+    assert torch.equal(g[:2], g[2:]) and g[2] == pytest.approx(1.0) and g[3] < 1, g
+    # pair_negatives=False: each negative row is scored by its own text: both empty negatives alike
+    handle.transport.pair_negatives = False
+    seen.clear()
+    hook = pipe.unet.register_forward_hook(lambda m, a, k: seen.append(
+        {n: layer.gates[n].clone() for layer in list(membrane.membrane_layers(m).values())[:1] for n in layer.gates}))
+    pipe(["a dog", "a cat"], num_inference_steps=1, output_type="np")
+    hook.remove()
+    g = seen[0][handle.names[0]]
+    assert g[0] == g[1] and g[0] < 1 and g[2] == pytest.approx(1.0), g
     handle.detach()
+
+
+def test_transport_scores_every_row_of_a_large_batch(sd_folder, membrane_file):
+    """Token overlap needs the rows' token ids: every row of a batch larger than any fixed memory must be found (a
+    64-row memory once lost all but the negative prompts of a 128-prompt batch and fell back to s_f)."""
+    pipe = pipelines.load(sd_folder)
+    handle = pipelines.attach_membranes(pipe, [membrane_file[1]], pair_negatives=False)
+    seen = []
+    hook = pipe.unet.register_forward_hook(lambda m, a, k: seen.append(
+        next(iter(membrane.membrane_layers(m).values())).gates[handle.names[0]].clone()))
+    prompts = ["a photo of a dog"] * 40 + ["a cat"] * 40  # "a photo of a dog" holds every token of "a dog": s_t = 1
+    pipe(prompts, num_inference_steps=1, output_type="np")
+    hook.remove()
+    g = seen[0]
+    assert g.shape == (160,) and torch.all(g[80:120] == 1.0) and torch.all(g[120:] < 1), g
+    assert torch.all(g[:80] == g[0]) and g[0] < 1, "the 80 empty negative prompts: s_f alone"
+    from adapters.transport import permeability
+
+    assert permeability(encode(pipe, ["a photo of a dog"])[0], None, handle.transport.concepts[0]) < 1, "s_f alone"
+    handle.detach()
+
+
+def test_cfg_layout_needs_negatives_encoded_after_their_prompts():
+    from adapters.transport import cfg_layout
+
+    assert cfg_layout([2, 2, 1, 1]) and cfg_layout([4, 3, 2, 1])  # SDXL: te1, te2 for prompts, then negatives
+    assert not cfg_layout([1, 1, 2, 2]) and not cfg_layout([1, 1]) and not cfg_layout([2, 0, 1, 1])
+    assert not cfg_layout([2, 1, 1]) and not cfg_layout([])
 
 
 def test_plain_diffusers_gives_the_toy_images_our_loader_gives(tmp_path):

@@ -39,12 +39,14 @@ def test_the_circle_is_erased_from_its_prompts_and_aliases(circle_report):
 
 
 def test_the_circle_leaves_pairs_and_their_other_objects_stay(circle_report):
-    """Measured (4 images per prompt): the other object 0.89 → 0.84 (0.94×) on the default seed; seeds 1 / 2 give
-    0.87× / 0.97× (README's seed table)."""
+    """Measured (4 images per prompt, default seed): the other object is in 50 of the 56 pair images of the base
+    model and in 45 with the membrane — 0.90×, on the bar; compared as image counts, since the report's rates are
+    rounded to 4 decimals (0.8036 < 0.9 × 0.8929 = 0.80361)."""
     base, erased = (circle_report["concepts"]["circle"][k] for k in ("base", "erased"))
     assert base["pair_target"]["n"] >= 56 and base["pair_other"]["rate"] >= 0.8, base
     assert erased["pair_target"]["rate"] <= 0.10, "the circle leaves the two-object scenes too"
-    assert erased["pair_other"]["rate"] >= 0.9 * base["pair_other"]["rate"], (base["pair_other"], erased["pair_other"])
+    kept, had = (round(r["pair_other"]["rate"] * r["pair_other"]["n"]) for r in (erased, base))
+    assert kept >= 0.9 * had, (base["pair_other"], erased["pair_other"])
 
 
 def test_prompts_without_the_concept_keep_shape_and_colour(circle_report):
@@ -64,26 +66,50 @@ def test_run_record_states_the_toy_defaults(circle_membrane):
 
 
 @pytest.fixture(scope="module")
-def stack_report(circle_membrane, tmp_path_factory, judge):
-    paths = [str(circle_membrane), str(_train(tmp_path_factory, "red")), str(_train(tmp_path_factory, "striped"))]
-    return erasure_report("toy", paths, ["circle", "red", "striped"], judge, images_per_prompt=2)
+def stack_paths(circle_membrane, tmp_path_factory):
+    return [str(circle_membrane), str(_train(tmp_path_factory, "red")), str(_train(tmp_path_factory, "striped"))]
+
+
+@pytest.fixture(scope="module")
+def stack_report(stack_paths, judge):
+    """The three membranes under the default transport (flat similarity, the SPM code's)."""
+    return erasure_report("toy", stack_paths, ["circle", "red", "striped"], judge, images_per_prompt=2)
+
+
+@pytest.fixture(scope="module")
+def stack_report_eos(stack_paths, judge):
+    """The same membranes gated by end-of-text similarity (CFG's negatives share their prompt's gate, the default)."""
+    return erasure_report("toy", stack_paths, ["circle", "red", "striped"], judge, images_per_prompt=2,
+                          similarity="eos")
 
 
 def test_three_stacked_membranes_erase_the_shape_and_the_colour_and_spare_most_of_the_rest(stack_report):
-    """Measured: circle 0.94 → 0.02–0.06, red 0.92 → 0.02 (membranes trained with 1 or 2 torch threads differ in
-    the last bits); the 90 prompts naming none of the three keep shape 0.77–0.80×, colour 0.82–0.84×, fill
-    0.88–0.90× (with the SPM code's anchors: 0.19×, 0.22×, 0.52×)."""
+    """Measured (flat): circle 0.94 → 0.02, red 0.92 → 0.00; the 90 prompts naming none of the three keep shape
+    0.88×, colour 0.87×, fill 0.91× (gated by the training prompts instead of the concept, each negative row by its
+    own text: 0.80×, 0.84×, 0.90×; with the SPM code's anchors: 0.19×, 0.22×, 0.52×)."""
     for concept in ("circle", "red"):
         base, erased = (stack_report["concepts"][concept][k] for k in ("base", "erased"))
         assert base["target"]["rate"] >= 0.9 and erased["target"]["rate"] <= 0.10, (concept, base, erased)
     ratio = stack_report["rest"]["ratio"]
-    assert ratio["shape"] >= 0.7 and ratio["colour"] >= 0.7 and ratio["fill"] >= 0.8, ratio
+    assert ratio["shape"] >= 0.75 and ratio["colour"] >= 0.75 and ratio["fill"] >= 0.8, ratio
 
 
-@pytest.mark.xfail(strict=True, reason="issue bar not met: stacked, the striped membrane leaves striped at 0.33 "
-                                       "(base 0.63) and the rest keeps shape 0.80x, colour 0.84x (bar 0.9x)")
-def test_three_stacked_membranes_meet_the_issue_bars(stack_report):
+def test_three_stacked_membranes_gated_by_end_of_text_keep_the_rest(stack_report_eos):
+    """Issue bar for the rest (≥ 0.9×), met under eos gates: measured shape 1.01×, colour 0.98×, fill 1.01×, mean
+    pixel change 0.018 (flat: 0.10); circle 0.94 → 0.00, red 0.92 → 0.08 (the other membranes, now shut for red
+    prompts, no longer help erase it: 0.00 under flat)."""
+    for concept, bar in (("circle", 0.10), ("red", 0.15)):
+        base, erased = (stack_report_eos["concepts"][concept][k] for k in ("base", "erased"))
+        assert base["target"]["rate"] >= 0.9 and erased["target"]["rate"] <= bar, (concept, base, erased)
+    rest = stack_report_eos["rest"]
+    assert all(rest["ratio"][k] >= 0.9 for k in ("shape", "colour", "fill")), rest["ratio"]
+    assert rest["mean_abs_pixel_diff"] <= 0.05, rest["mean_abs_pixel_diff"]
+
+
+@pytest.mark.xfail(strict=True, reason="issue bar not met: the striped membrane barely erases striped (alone: 0.62 "
+                                       "-> 0.56; stacked, eos gates: 0.33)")
+def test_three_stacked_membranes_meet_the_issue_bars(stack_report_eos):
     for concept in ("circle", "red", "striped"):
-        assert stack_report["concepts"][concept]["erased"]["target"]["rate"] <= 0.10, concept
-    ratio = stack_report["rest"]["ratio"]
+        assert stack_report_eos["concepts"][concept]["erased"]["target"]["rate"] <= 0.10, concept
+    ratio = stack_report_eos["rest"]["ratio"]
     assert ratio["shape"] >= 0.9 and ratio["colour"] >= 0.9 and ratio["fill"] >= 0.9, ratio

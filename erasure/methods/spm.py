@@ -188,7 +188,8 @@ class SPM:
         """Kohya-keyed membrane tensors, our metadata, and the original release's three header strings."""
         tensors = membrane.state_dict(self.unet, MEMBRANE)
         paths = [k[: -len(".alpha")] for k in tensors if k.endswith(".alpha")]
+        targets = [self.concept.name]  # what facilitated transport compares prompts with: the concept itself
         meta = run_metadata(self, "membrane", model_id, membrane.layers_fingerprint(self.unet),
-                            surrogate=self.concept.surrogate, layers=len(paths))
-        extra = {"prompts": ",".join(self.concept.prompts), "rank": str(self.config.rank), "alpha": str(self.config.alpha)}
+                            surrogate=self.concept.surrogate, layers=len(paths), targets=targets)
+        extra = {"prompts": ",".join(targets), "rank": str(self.config.rank), "alpha": str(self.config.alpha)}
         return tensors, meta, extra
