@@ -267,3 +267,28 @@ def test_lr_schedules():
     assert cos[0] == 1.0 and abs(cos[50] - 0.5) < 1e-9 and 0 < cos[-1] < 1e-3
     assert all(a > b for a, b in zip(cos, cos[1:])), "cosine decays monotonically"
 
+
+
+def test_a_toy_membrane_gates_on_its_concept_not_its_training_prompts(tmp_path):
+    """The membrane records its training prompts but transport compares prompts with its target, the concept (as
+    the SPM release's ``prompts`` string): "a blue square" shares "a" with "a circle", none of "circle"'s tokens."""
+    out = tmp_path / "circle.safetensors"
+    assert main(["--concept", "circle", "--model", "toy", "--method", "spm", "--steps", "1", "--ddim-steps", "2",
+                 "--output", str(out), "--quiet", "--checkpoint-every", "0"]) == 0
+    art = load_artifact(out)
+    assert art.metadata["targets"] == ["circle"] and art.raw_metadata["prompts"] == "circle"
+    assert "a red circle" in art.metadata["prompts"]
+    pipe = pipelines.load("toy")
+    handle = pipelines.attach_membranes(pipe, [art])
+    tok = pipe.tokenizer
+    assert handle.transport.concepts[0].token_sets == [set(tok("circle").input_ids) - set(tok.all_special_ids)]
+    gates = handle.transport.gates_for(encode(pipe, ["a blue square", "a blue circle"]))[handle.names[0]]
+    assert gates[1] == 1.0 and gates[0] < 1.0
+    handle.detach()
+    # a file from before targets existed: gated by its training prompts
+    legacy = tmp_path / "legacy.safetensors"
+    meta = {k: v for k, v in art.metadata.items() if k != "targets"}
+    save_artifact(legacy, art.tensors, meta, extra_strings={k: art.raw_metadata[k] for k in ("prompts", "rank", "alpha")})
+    handle = pipelines.attach_membranes(pipe, [legacy])
+    assert len(handle.transport.concepts[0].token_sets) == len(art.metadata["prompts"])
+    handle.detach()
