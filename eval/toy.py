@@ -141,10 +141,11 @@ def _quality(expected, seen) -> dict:
     }
 
 
-def attach_all(pipe, artifacts: Sequence, similarity: str | None = None, pair_negatives: bool = True) -> None:
+def attach_all(pipe, artifacts: Sequence, similarity: str | None = None, pair_negatives: bool = True,
+               scales: Sequence[float] | None = None) -> None:
     """Membranes go on together (one facilitated-transport gate per membrane and prompt; ``similarity``: the
     transport's text similarity, default :data:`pipelines.membranes.SIMILARITY`; ``pair_negatives``: CFG's negative
-    rows take their prompt's γ); other kinds one by one.
+    rows take their prompt's γ; ``scales``: each membrane's γ multiplier, in order); other kinds one by one.
     ``artifacts``: paths or loaded :class:`~adapters.artifact.Artifact` objects."""
     import pipelines
     from adapters.artifact import Artifact, load_artifact
@@ -154,7 +155,7 @@ def attach_all(pipe, artifacts: Sequence, similarity: str | None = None, pair_ne
     if membranes:
         pipelines.attach_membranes(pipe, membranes, transport=True,
                                    similarity=similarity or pipelines.membranes.SIMILARITY,
-                                   pair_negatives=pair_negatives)
+                                   pair_negatives=pair_negatives, scales=scales)
     for a in arts:
         if a.kind != "membrane":
             pipelines.apply(pipe, a)
@@ -174,7 +175,7 @@ def toy_fid(records, images, seed: int = 0) -> float:
 def erasure_report(model: str, artifacts: Sequence[str], concepts: Sequence[str], judge=None, *,
                    erased_model: str | None = None, images_per_prompt: int = 1, seed: int = 0, steps: int = 25,
                    guidance: float = GUIDANCE, batch_size: int = 128, similarity: str | None = None,
-                   pair_negatives: bool = True) -> dict:
+                   pair_negatives: bool = True, scales: Sequence[float] | None = None) -> dict:
     """Before and after: each concept's rates (target, alias, pair) on the base model and on the erased one
     (``erased_model``, default the base, with ``artifacts`` applied: an SFD student is an erased model of its own),
     and the prompts that name none of the concepts (``rest``) — their shape / colour / fill rates, toy FID against
@@ -189,7 +190,7 @@ def erasure_report(model: str, artifacts: Sequence[str], concepts: Sequence[str]
     kw = dict(images_per_prompt=images_per_prompt, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size)
     rest = rest_prompts(concepts, seed)
     pipes = {"base": pipelines.load(model), "erased": pipelines.load(erased_model or model)}
-    attach_all(pipes["erased"], artifacts, similarity, pair_negatives)
+    attach_all(pipes["erased"], artifacts, similarity, pair_negatives, scales)
     report = {"concepts": {c: {} for c in concepts}, "rest": {"n_prompts": len(rest)}}
     images = {}
     for which, pipe in pipes.items():
@@ -231,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pair-negatives", action=argparse.BooleanOptionalAction, default=True,
                    help="facilitated transport: CFG's negative rows take their prompt's gate, as the SPM code "
                         "(default), or are scored on their own text (--no-pair-negatives)")
+    p.add_argument("--scale", type=float, action="append",
+                   help="γ multiplier of each membrane, in --artifact order (repeatable; default 1 each; the SPM "
+                        "paper doubles γ for art styles)")
     p.add_argument("--quiet", action="store_true", help="no loading progress bars")
     args = p.parse_args(argv)
     if args.quiet:
@@ -247,14 +251,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.concept:
                 raise UserError("--compare needs --concept (one per erased concept)")
             report = erasure_report(args.model, arts, args.concept, judge, erased_model=args.erased_model,
-                                    similarity=args.similarity, pair_negatives=args.pair_negatives, **kw)
+                                    similarity=args.similarity, pair_negatives=args.pair_negatives,
+                                    scales=args.scale, **kw)
         else:
             if args.erased_model:
                 raise UserError("--erased-model needs --compare (it is compared with --model)")
             if args.concept and len(args.concept) > 1:
                 raise UserError("several --concept values need --compare")
             pipe = pipelines.load(args.model)
-            attach_all(pipe, arts, args.similarity, args.pair_negatives)
+            attach_all(pipe, arts, args.similarity, args.pair_negatives, args.scale)
             report = base_quality(pipe, judge, **kw) if args.base else concept_report(pipe, judge, args.concept[0], **kw)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

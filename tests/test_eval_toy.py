@@ -18,3 +18,14 @@ def test_erased_model_needs_compare(capsys):
     assert toy.main(["--concept", "circle", "--erased-model", "somewhere"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --erased-model needs --compare (it is compared with --model)"]
+
+
+def test_scales_must_match_the_membranes(tmp_path, capsys):
+    from erasure.train import main as train
+
+    out = tmp_path / "c.safetensors"
+    assert train(["--concept", "circle", "--method", "spm", "--steps", "1", "--ddim-steps", "2", "--quiet",
+                  "--checkpoint-every", "0", "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert toy.main(["--concept", "circle", "--artifact", str(out), "--scale", "1", "--scale", "3", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: 1 membrane files but 2 scales"]

@@ -83,6 +83,14 @@ def stack_report_eos(stack_paths, judge):
                           similarity="eos")
 
 
+@pytest.fixture(scope="module")
+def stack_report_style(stack_paths, judge):
+    """Gated by end-of-text similarity, the striped (style) membrane's γ tripled, as the SPM paper doubles it for art
+    styles (App. C.1): at γ = 1 it fades the stripes too little."""
+    return erasure_report("toy", stack_paths, ["circle", "red", "striped"], judge, images_per_prompt=2,
+                          similarity="eos", scales=[1.0, 1.0, 3.0])
+
+
 def test_three_stacked_membranes_erase_the_shape_and_the_colour_and_spare_most_of_the_rest(stack_report):
     """Measured (flat): circle 0.94 → 0.02, red 0.92 → 0.00; the 90 prompts naming none of the three keep shape
     0.88×, colour 0.87×, fill 0.91× (gated by the training prompts instead of the concept, each negative row by its
@@ -106,10 +114,12 @@ def test_three_stacked_membranes_gated_by_end_of_text_keep_the_rest(stack_report
     assert rest["mean_abs_pixel_diff"] <= 0.05, rest["mean_abs_pixel_diff"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue bar not met: the striped membrane barely erases striped (alone: 0.62 "
-                                       "-> 0.56; stacked, eos gates: 0.33)")
-def test_three_stacked_membranes_meet_the_issue_bars(stack_report_eos):
+def test_three_stacked_membranes_meet_the_issue_bars(stack_report_style):
+    """Issue bars: all three erased (≤ 0.10), the rest ≥ 0.9×. Measured (1-thread membranes): circle 0.94 → 0.00,
+    red 0.92 → 0.06, striped 0.62 → 0.06; rest 1.00× / 0.99× / 1.01×, pixel change 0.032, toy FID 9.6 → 10.6. At
+    γ × 1 the striped membrane leaves striped at 0.33 (alone: 0.56)."""
     for concept in ("circle", "red", "striped"):
-        assert stack_report_eos["concepts"][concept]["erased"]["target"]["rate"] <= 0.10, concept
-    ratio = stack_report_eos["rest"]["ratio"]
+        erased = stack_report_style["concepts"][concept]["erased"]["target"]
+        assert erased["rate"] <= 0.10, (concept, erased)
+    ratio = stack_report_style["rest"]["ratio"]
     assert ratio["shape"] >= 0.9 and ratio["colour"] >= 0.9 and ratio["fill"] >= 0.9, ratio
