@@ -245,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for concept in args.concept or ():  # bad input is refused before any model is loaded
             prompts(concept)
         arts = [load_artifact(a) for a in args.artifact]
+        n_membranes = sum(a.kind == "membrane" for a in arts)
+        if args.scale is not None and len(args.scale) != n_membranes:
+            raise UserError(f"--scale given {len(args.scale)} time(s) for {n_membranes} membrane artifact(s): give "
+                            "one per membrane, in --artifact order")
         judge = load_judge()
         kw = dict(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
         if args.compare:

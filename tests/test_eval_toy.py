@@ -20,12 +20,19 @@ def test_erased_model_needs_compare(capsys):
     assert err == ["error: --erased-model needs --compare (it is compared with --model)"]
 
 
-def test_scales_must_match_the_membranes(tmp_path, capsys):
+def test_scales_must_match_the_membranes(tmp_path, capsys, monkeypatch):
     from erasure.train import main as train
 
     out = tmp_path / "c.safetensors"
     assert train(["--concept", "circle", "--method", "spm", "--steps", "1", "--ddim-steps", "2", "--quiet",
                   "--checkpoint-every", "0", "--output", str(out)]) == 0
     capsys.readouterr()
+
+    def no_models(*a, **k):
+        raise AssertionError("a bad --scale count must be refused before any model or judge is loaded")
+
+    monkeypatch.setattr("erasure.toyworld.load_judge", no_models)
+    monkeypatch.setattr("pipelines.load", no_models)
     assert toy.main(["--concept", "circle", "--artifact", str(out), "--scale", "1", "--scale", "3", "--quiet"]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["error: 1 membrane files but 2 scales"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --scale given 2 time(s) for 1 membrane artifact(s): give one per membrane, in --artifact order"]
