@@ -139,6 +139,10 @@ class SFDConfig:
     remain_prompts: str = _f("", "file of remain prompts, one per line (SFD: Aesthetics-6+ captions; default: the "
                              "preset's anchors)")
     prompt_pool: int = _f(4096, "toy world: how many remain and forget captions to draw from")
+    ema_halflife_kimg: float = _f(0.0, "EMA of the generator, half-life in thousands of images (batch_size per "
+                                  "iteration); the student is the EMA. 0 = off, as SFD-SD (--ema 0: it fine-tunes an "
+                                  "already distilled generator); SiD-LSG 50, SiD-EDM 500")
+    ema_rampup: float = _f(0.5, "EMA half-life at most this × the images seen so far (SiD / EDM ema_rampup_ratio 0.5)")
 
 
 METHOD_CONFIGS = {"esd": ESDConfig, "spm": SPMConfig, "salun": SalUnConfig, "sfd": SFDConfig}

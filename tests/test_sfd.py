@@ -92,11 +92,31 @@ def test_one_step_pipeline_loads_and_generates_like_any_model(sfd_folder):
         pipe("a red square", negative_prompt="blurry", output_type="np")
 
 
-def test_resume_continues_bit_identically(tmp_path):
+def test_generator_ema_follows_the_sid_half_life():
+    """β = 0.5^(batch / half-life); with ramp-up the half-life is at most ratio × images seen; off → no EMA."""
+    from types import SimpleNamespace
+
+    from erasure.config import SFDConfig
+    from erasure.methods.sfd import SFD
+
+    def ema_after_one_step(**cfg):
+        G, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+        torch.nn.init.ones_(G.weight), torch.nn.init.zeros_(ema.weight)
+        SFD._update_ema(SimpleNamespace(config=SFDConfig(batch_size=8, **cfg), G=G, G_ema=ema), 0)
+        return ema.weight.item()
+
+    assert ema_after_one_step(ema_halflife_kimg=0.008, ema_rampup=0.0) == pytest.approx(0.5)  # β = 0.5^(8/8)
+    assert ema_after_one_step(ema_halflife_kimg=0.008, ema_rampup=0.5) == pytest.approx(0.75)  # h = 4: β = 0.25
+    assert ema_after_one_step(ema_halflife_kimg=1.0, ema_rampup=0.0) == pytest.approx(1 - 0.5 ** (8 / 1000))
+    assert SFD._update_ema(SimpleNamespace(config=SFDConfig(), G_ema=None), 0) is None
+
+
+@pytest.mark.parametrize("ema", [[], ["--ema-halflife-kimg", "0.01"]], ids=["plain", "ema"])
+def test_resume_continues_bit_identically(tmp_path, ema):
     full = tmp_path / "full"
-    assert main(["--concept", "circle", "--method", "sfd", "--output", str(full), *FAST]) == 0
+    assert main(["--concept", "circle", "--method", "sfd", "--output", str(full), *FAST, *ema]) == 0
     part = tmp_path / "part"
-    argv = ["--concept", "circle", "--method", "sfd", "--output", str(part), "--checkpoint-every", "2", *FAST]
+    argv = ["--concept", "circle", "--method", "sfd", "--output", str(part), "--checkpoint-every", "2", *FAST, *ema]
     # interrupt a 3-step run during step 3 (after its step-2 checkpoint), then resume it
     from erasure.methods import sfd as sfd_module
 
@@ -121,6 +141,11 @@ def test_resume_continues_bit_identically(tmp_path):
     fa = load_file(str(next((full / "unet").glob("*.safetensors"))))
     fb = load_file(str(next((part / "unet").glob("*.safetensors"))))
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    if ema:  # the student is the EMA, not the last generator
+        plain = tmp_path / "plain"
+        assert main(["--concept", "circle", "--method", "sfd", "--output", str(plain), *FAST]) == 0
+        fp = load_file(str(next((plain / "unet").glob("*.safetensors"))))
+        assert any(not torch.equal(fa[k], fp[k]) for k in fa)
 
 
 @pytest.mark.slow

@@ -171,6 +171,7 @@ class SFD:
         self.teacher = pipe.unet.eval().requires_grad_(False)
         self.fake = deepcopy(self.teacher).train()
         self.G = deepcopy(self.teacher).train()
+        self.G_ema = deepcopy(self.G).requires_grad_(False) if config.ema_halflife_kimg > 0 else None
         self.abar = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.to(self.teacher.device, torch.float32)
         if not 0 <= config.t_min < config.t_max <= len(self.abar) or not 0 <= config.t_init < len(self.abar):
             raise UserError(f"sfd: need 0 ≤ t_min < t_max ≤ {len(self.abar)} and 0 ≤ t_init < {len(self.abar)}")
@@ -255,6 +256,20 @@ class SFD:
         self._sync_and_step(self.G, self.opt_g, clip=True)
         return self._mean_over_processes(total)
 
+    def _update_ema(self, step: int) -> None:
+        """SiD / EDM EMA: β = 0.5^(batch / half-life), the half-life ramped up as min(h, rampup × images seen)."""
+        if self.G_ema is None:
+            return
+        cfg = self.config
+        seen = (step + 1) * cfg.batch_size
+        halflife = cfg.ema_halflife_kimg * 1000
+        if cfg.ema_rampup > 0:
+            halflife = min(halflife, seen * cfg.ema_rampup)
+        beta = 0.5 ** (cfg.batch_size / max(halflife, 1e-8))
+        with torch.no_grad():
+            for pe, p in zip(self.G_ema.parameters(), self.G.parameters()):
+                pe.lerp_(p.detach().to(pe.dtype), 1 - beta)
+
     def _mean_over_processes(self, value: float) -> float:
         """A logged loss is the global batch's: the mean of the processes' (each normalised by its local batch)."""
         if self.acc.num_processes == 1:
@@ -297,6 +312,7 @@ class SFD:
             for step in range(start, cfg.steps):
                 lf = self._fake_step(gen)
                 lg = self._generator_step(gen)
+                self._update_ema(step)
                 if not (torch.isfinite(torch.tensor(lf)) and torch.isfinite(torch.tensor(lg))):
                     raise UserError(f"sfd: the loss became non-finite at step {step}; lower --lr / --lr-fake")
                 history.append({"fake": round(lf, 6), "generator": round(lg, 6)})
@@ -318,6 +334,8 @@ class SFD:
     def _save_checkpoint(self, path: Path, step: int, gen, history) -> None:
         tensors = {f"G/{k}": v for k, v in self.G.state_dict().items()}
         tensors.update({f"fake/{k}": v for k, v in self.fake.state_dict().items()})
+        if self.G_ema is not None:
+            tensors.update({f"G_ema/{k}": v for k, v in self.G_ema.state_dict().items()})
         for prefix, opt, named in self._optimizers():
             tensors.update(optimizer_tensors(opt, named, prefix))
         save_checkpoint(path, self.name, self.config, tensors, step, gen, history)
@@ -326,19 +344,22 @@ class SFD:
         with read_checkpoint(path, self.config, gen) as (tensors, step, history):
             self.G.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("G/")})
             self.fake.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("fake/")})
+            if self.G_ema is not None:
+                self.G_ema.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("G_ema/")})
             for prefix, opt, named in self._optimizers():
                 restore_optimizer(opt, named, tensors, prefix)
         return step, history
 
     # -- the result ---------------------------------------------------------------------------------------------
     def student(self):
-        """The distilled one-step pipeline (shares the VAE and text encoder with the teacher pipeline)."""
+        """The distilled one-step pipeline (shares the VAE and text encoder with the teacher pipeline); its UNet is
+        the generator's EMA when ``ema_halflife_kimg`` > 0."""
         from diffusers import DDPMScheduler
 
         from pipelines.one_step import OneStepPipeline
 
         p = self.pipe
-        G = deepcopy(self.G).eval().requires_grad_(False)
+        G = deepcopy(self.G_ema if self.G_ema is not None else self.G).eval().requires_grad_(False)
         return OneStepPipeline(vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=G,
                                scheduler=DDPMScheduler.from_config(p.scheduler.config), init_timestep=self.config.t_init)
 
