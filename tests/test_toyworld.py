@@ -78,8 +78,9 @@ def test_base_world_quality_does_not_regress(quality):
     assert q["pair"]["both"]["rate"] >= 0.84
 
 
-@pytest.mark.xfail(strict=True, reason="fill is below DESIGN §4's bar (measured 0.73 vs 0.90: striped and dotted "
-                   "get mixed up); shape, colour, alias and pairs meet theirs (issue 3)")
+@pytest.mark.xfail(strict=True, reason="fill is below DESIGN §4's bar (measured 0.735 vs 0.90: striped and dotted "
+                   "get mixed up); the build's --polish-rounds 2 meets every bar (fill 0.915) but the SPM toy bars, "
+                   "tuned on this world, then fail (README; issue 3)")
 def test_base_world_meets_the_quality_bars(quality, tmp_path):
     q = quality
     (tmp_path / "quality.json").write_text(json.dumps(q))
@@ -93,9 +94,17 @@ def test_base_world_meets_the_quality_bars(quality, tmp_path):
 def test_build_runs_end_to_end_at_smoke_scale(tmp_path):
     from erasure.toyworld.build import BuildConfig, build
 
-    report = build(BuildConfig(output=str(tmp_path), scale=0.002, quiet=True))
+    report = build(BuildConfig(output=str(tmp_path), scale=0.002, polish_rounds=2, quiet=True))
     assert {"vae_psnr_db", "unet_final_loss", "clip_final_loss"} <= report.keys()
-    assert {"data", "vae", "unet", "refine", "judge", "clip"} <= report["stages_s"].keys()
+    assert {"data", "vae", "unet", "refine", "polish_1", "polish_2", "judge", "clip"} <= report["stages_s"].keys()
+    markers = {p.name for p in (tmp_path / "pipeline").glob("*.json")}
+    assert {"refined.json", "polished-1.json", "polished-2.json"} <= markers, "each UNet stage leaves its marker"
+    # a resumed build runs only the missing stage, and its report keeps what the first run measured
+    (tmp_path / "pipeline" / "polished-2.json").unlink()
+    again = build(BuildConfig(output=str(tmp_path), scale=0.002, polish_rounds=2, quiet=True))
+    assert "polish_2_final_loss" in again and again["vae_psnr_db"] == report["vae_psnr_db"]
+    assert [r["polish_2"] > 0 for r in again["runs"]] == [True, True] and again["stages_s"]["unet"] < 5
+    assert (tmp_path / "pipeline" / "polished-2.json").exists() and (tmp_path / "pipeline" / "refined.json").exists()
     pipe = pipelines.load(tmp_path / "pipeline")
     assert pipe(["a circle"], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
     judge = toyworld.load_judge(tmp_path / "judge" / "judge.safetensors")

@@ -47,6 +47,9 @@ class BuildConfig:
     unet_lr: float = 1e-3
     refine_steps: int = 800  # UNet-only steps with the text encoder frozen (stage 2b)
     refine_lr: float = 5e-4
+    polish_rounds: int = 0  # further UNet-only rounds (stage 2c), each a fresh warm-up + cosine; 2 meet the fill bar (README)
+    polish_steps: int = 1200
+    polish_lr: float = 3e-4
     judge_steps: int = 1200
     judge_batch: int = 128
     clip_steps: int = 1000
@@ -89,11 +92,14 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
-def _save_model_atomic(model, folder: Path, **kw) -> None:
-    """save_pretrained into a temp sibling, then rename: a killed build never leaves a half-written stage."""
+def _save_model_atomic(model, folder: Path, extra_files: dict | None = None, **kw) -> None:
+    """save_pretrained (and ``extra_files``: name → text) into a temp sibling, then rename: a killed build never
+    leaves a half-written stage, nor a stage's weights without its marker."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     model.save_pretrained(tmp, **kw)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
@@ -230,12 +236,21 @@ def train_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, tokenizer, out
     return {"unet_final_loss": round(loss.item(), 4)}
 
 
-def refine_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, out: Path, threads: _Threads) -> dict:
-    """Stage 2b: keep training the UNet with the text encoder frozen. Text conditioning of every distinct caption is
-    computed once, so a step costs the UNet alone (~1.5× faster than the joint stage)."""
+def refine_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, out: Path, threads: _Threads, *,
+                round_: int = 0) -> dict:
+    """Stage 2b (``round_`` 0) and 2c (rounds 1, 2, …): keep training the UNet from its saved weights with the text
+    encoder frozen; each round has its own warm-up + cosine schedule and a fresh EMA. Text conditioning of every
+    distinct caption is computed once, so a step costs the UNet alone (~1.5× faster than the joint stage). The
+    rounds of stage 2c are what bring the fill style up to the bar (README, "Base world")."""
     from diffusers import StableDiffusionPipeline
 
-    torch.manual_seed(cfg.seed + 4)
+    if round_ == 0:
+        seed, steps, lr, name, marker = cfg.seed + 4, cfg.scaled("refine_steps"), cfg.refine_lr, "unet refine", "refined.json"
+        torch.manual_seed(seed)
+    else:
+        seed, steps, lr = cfg.seed + round_ + 4, cfg.scaled("polish_steps"), cfg.polish_lr
+        name, marker = f"unet polish {round_}", f"polished-{round_}.json"
+        torch.manual_seed(cfg.seed + round_)
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", dtype=torch.float32, local_files_only=True,
                                                    safety_checker=None)
     unet, text_encoder = pipe.unet.train(), pipe.text_encoder.eval().requires_grad_(False)
@@ -248,12 +263,11 @@ def refine_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, out: Path, th
     empty = index[""]
     mean = encode_latents(vae, images) * vae.config.scaling_factor
     alphas = models.make_scheduler("ddpm").alphas_cumprod
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.refine_lr, weight_decay=0.0)
-    steps = cfg.scaled("refine_steps")
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(50, steps))
     ema = deepcopy(unet).requires_grad_(False)
-    gen = torch.Generator().manual_seed(cfg.seed + 4)
-    with _bar(cfg, steps, "unet refine") as bar:
+    gen = torch.Generator().manual_seed(seed)
+    with _bar(cfg, steps, name) as bar:
         for step in range(steps):
             idx = torch.randint(len(mean), (cfg.unet_batch,), generator=gen)
             c = which[idx].clone()
@@ -267,13 +281,15 @@ def refine_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, out: Path, th
             threads.poll()
             _ema_update(ema, unet, min(0.999, (1 + step) / (10 + step)))
             if bar.disable and not cfg.quiet and (step + 1) % 200 == 0:
-                _log(cfg, f"unet refine: step {step + 1}/{steps} loss {loss.item():.4f}")
+                _log(cfg, f"{name}: step {step + 1}/{steps} loss {loss.item():.4f}")
     pipe.unet = ema
     pipe.to(torch.float16)
-    _save_model_atomic(pipe, out / "pipeline", safe_serialization=True)
-    (out / "pipeline" / "refined.json").write_text(json.dumps({"refine_steps": steps}))
-    _log(cfg, f"unet refine: final loss {loss.item():.4f}")
-    return {"refine_final_loss": round(loss.item(), 4)}
+    done = {p.name: p.read_text() for p in (out / "pipeline").glob("*.json") if p.name != "model_index.json"}
+    markers = {**done, marker: json.dumps({"steps": steps, "lr": lr, "seed": seed})}  # earlier stages' markers too
+    _save_model_atomic(pipe, out / "pipeline", extra_files=markers, safe_serialization=True)
+    _log(cfg, f"{name}: final loss {loss.item():.4f}")
+    key = "refine_final_loss" if round_ == 0 else f"polish_{round_}_final_loss"
+    return {key: round(loss.item(), 4)}
 
 
 def _multi_hot(labels: dict) -> np.ndarray:
@@ -437,6 +453,7 @@ def build(cfg: BuildConfig) -> dict:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     report, stages = {"config": asdict(cfg)}, {}
+    prev = json.loads((out / "build_report.json").read_text()) if (out / "build_report.json").exists() else {}
     t0 = time.time()
     images, scenes = data.make_dataset(cfg.scaled("n_images"), cfg.seed)
     captions = [s.caption for s in scenes]
@@ -470,6 +487,11 @@ def build(cfg: BuildConfig) -> dict:
         if not (out / "pipeline" / "refined.json").exists():
             report.update(refine_unet(cfg, vae, images, scenes, out, threads))
         stages["refine"] = round(time.time() - t, 1)
+        for r in range(1, cfg.polish_rounds + 1):
+            t = time.time()
+            if not (out / "pipeline" / f"polished-{r}.json").exists():
+                report.update(refine_unet(cfg, vae, images, scenes, out, threads, round_=r))
+            stages[f"polish_{r}"] = round(time.time() - t, 1)
         t = time.time()
         if helper is not None:
             report.update(helper.get())  # re-raises the helper's error, if any
@@ -488,6 +510,10 @@ def build(cfg: BuildConfig) -> dict:
     report["total_s"] = round(time.time() - t0, 1)
     report["note"] = ("judge and CLIP train in a helper process beside the VAE and UNet stages (jobs=2), so their "
                       "times overlap the others; total_s is the wall-clock time")
+    if prev:  # a resumed build: what earlier runs built, and how long it took them, stays in the report
+        resumed = {k: v for k, v in prev.items() if k not in ("config", "stages_s", "total_s", "note", "runs")}
+        report = {**resumed, **report, "runs": [*prev.get("runs", [prev.get("stages_s", {})]), stages]}
+        report["note"] += "; a resumed build: runs lists each run's stage times (a stage found built takes ~0 s)"
     (out / "build_report.json").write_text(json.dumps(report, indent=2))
     _log(cfg, f"built in {report['total_s']} s → {out}")
     return report
