@@ -150,8 +150,8 @@ METHOD_CONFIGS = {"esd": ESDConfig, "spm": SPMConfig, "salun": SalUnConfig, "sfd
 # Toy-world values (measured on the toy world; see README "Toy world numbers").
 TOY_DEFAULTS = {
     "esd": {"steps": 200, "lr": 1e-4, "batch_size": 8, "ddim_steps": 25, "variant": "esd-u"},
-    "sfd": {"steps": 400, "lr": 5e-5, "lr_fake": 1e-4, "batch_size": 8, "cfg_train_fake": 4.0, "cfg_eval_fake": 4.0,
-            "cfg_eval_real": 4.0},
+    "sfd": {"steps": 400, "lr": 5e-5, "lr_fake": 1e-4, "batch_size": 8, "cfg_train_fake": 2.0, "cfg_eval_fake": 2.0,
+            "cfg_eval_real": 2.0, "ema_halflife_kimg": 0.5},  # κ 2: SiD-LSG run_sid.sh; EMA: SiD (distils from scratch)
     "spm": {"steps": 200, "lr": 5e-3, "batch_size": 4, "ddim_steps": 12, "anchor_weight": 1.5, "anchor_samples": 4,
             "anchor_source": "captions", "anchor_latents": "own", "pair_fraction": 0.5},
     "salun": {"steps": 200, "lr": 1e-4, "batch_size": 16, "alpha": 0.4, "forget_images": 512, "retain_images": 4096},
