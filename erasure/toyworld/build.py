@@ -47,7 +47,7 @@ class BuildConfig:
     unet_lr: float = 1e-3
     refine_steps: int = 800  # UNet-only steps with the text encoder frozen (stage 2b)
     refine_lr: float = 5e-4
-    polish_rounds: int = 0  # further UNet-only rounds (stage 2c), each a fresh warm-up + cosine; 2 meet the fill bar (README)
+    polish_rounds: int = 0  # UNet-only rounds (stage 2c), each a fresh warm-up + cosine; 2 meet the fill bar (README)
     polish_steps: int = 1200
     polish_lr: float = 3e-4
     judge_steps: int = 1200
@@ -245,7 +245,8 @@ def refine_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, out: Path, th
     from diffusers import StableDiffusionPipeline
 
     if round_ == 0:
-        seed, steps, lr, name, marker = cfg.seed + 4, cfg.scaled("refine_steps"), cfg.refine_lr, "unet refine", "refined.json"
+        seed, steps, lr = cfg.seed + 4, cfg.scaled("refine_steps"), cfg.refine_lr
+        name, marker = "unet refine", "refined.json"
         torch.manual_seed(seed)
     else:
         seed, steps, lr = cfg.seed + round_ + 4, cfg.scaled("polish_steps"), cfg.polish_lr
