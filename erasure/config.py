@@ -143,6 +143,12 @@ class SFDConfig:
                                   "iteration); the student is the EMA. 0 = off, as SFD-SD (--ema 0: it fine-tunes an "
                                   "already distilled generator); SiD-LSG 50, SiD-EDM 500")
     ema_rampup: float = _f(0.5, "EMA half-life at most this × the images seen so far (SiD / EDM ema_rampup_ratio 0.5)")
+    regression_weight: float = _f(0.0, "λ of a regression term pulling G(z) toward the teacher's own sample from the same "
+                                  "noise z (DMD's regression loss; forget prompts: the override prompt's sample). It "
+                                  "keeps the one-step map tied to the noise. 0 = off, as SFD")
+    regression_pairs: int = _f(256, "teacher samples (noise, prompt → latent) drawn once for the regression term, half "
+                               "remain and half forget prompts")
+    regression_guidance: float = _f(7.5, "CFG scale of the teacher samples of the regression term (25 DDIM steps)")
 
 
 METHOD_CONFIGS = {"esd": ESDConfig, "spm": SPMConfig, "salun": SalUnConfig, "sfd": SFDConfig}
@@ -151,7 +157,8 @@ METHOD_CONFIGS = {"esd": ESDConfig, "spm": SPMConfig, "salun": SalUnConfig, "sfd
 TOY_DEFAULTS = {
     "esd": {"steps": 200, "lr": 1e-4, "batch_size": 8, "ddim_steps": 25, "variant": "esd-u"},
     "sfd": {"steps": 400, "lr": 5e-5, "lr_fake": 1e-4, "batch_size": 8, "cfg_train_fake": 2.0, "cfg_eval_fake": 2.0,
-            "cfg_eval_real": 2.0, "ema_halflife_kimg": 0.5},  # κ 2: SiD-LSG run_sid.sh; EMA: SiD (distils from scratch)
+            "cfg_eval_real": 2.0, "ema_halflife_kimg": 0.5,  # κ 2: SiD-LSG run_sid.sh; EMA: SiD (distils from scratch)
+            "regression_guidance": 5.0},  # the toy world's sampler CFG (erasure.toyworld.models.GUIDANCE)
     "spm": {"steps": 200, "lr": 5e-3, "batch_size": 4, "ddim_steps": 12, "anchor_weight": 1.5, "anchor_samples": 4,
             "anchor_source": "captions", "anchor_latents": "own", "pair_fraction": 0.5},
     "salun": {"steps": 200, "lr": 1e-4, "batch_size": 16, "alpha": 0.4, "forget_images": 512, "retain_images": 4096},

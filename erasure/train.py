@@ -104,10 +104,10 @@ def resolve(argv: Sequence[str] | None = None):
     explicit = {k: v for k, v in args.items() if k in method_names}
     mcfg = resolve_method_config(run.method, on_toy=run.model == concepts.TOY_MODEL,
                                  preset_overrides=concept.method_overrides, explicit=explicit)
-    if run.method == "spm":  # bad SPM options fail before any model is loaded
-        from erasure.methods.spm import check_config
+    if run.method in ("spm", "sfd"):  # bad method options fail before any model is loaded
+        from importlib import import_module
 
-        check_config(mcfg, concept)
+        import_module(f"erasure.methods.{run.method}").check_config(mcfg, concept)
     run.steps, run.lr, run.batch_size = mcfg.steps, mcfg.lr, mcfg.batch_size
     folder = run.method in FOLDER_METHODS
     if run.output is None:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import pipelines
-from erasure.methods.sfd import fake_score_loss, one_step, override_of, sid_generator_loss, x0_from_eps
+from erasure.methods.sfd import (fake_score_loss, one_step, override_of, regression_loss, sid_generator_loss,
+                                 teacher_samples, x0_from_eps)
 from erasure.train import main
 from eval.generate import generate
 from pipelines.one_step import OneStepPipeline
@@ -56,6 +57,31 @@ def test_one_step_generator_formula():
     assert torch.allclose(x0_from_eps(a.sqrt() * x_g + (1 - a).sqrt() * z, z, a), x_g, atol=1e-5)
     assert override_of("a photo of Brad Pitt", "brad pitt", "a middle aged man") == "a photo of a middle aged man"
     assert override_of("nudity", "nude woman", "a woman") == "a woman"
+
+
+def test_teacher_samples_are_the_pipelines_own_ddim_samples():
+    """The regression targets: the teacher's 25-step CFG DDIM sample from the same initial noise, as the pipeline
+    draws it; the regression term is Σ (G(z) − x)² per sample."""
+    from pipelines.text import encode
+
+    pipe = pipelines.load("toy")
+    z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    prompts = ["a red square", "a striped blue star"]
+    ours = teacher_samples(pipe.unet, pipe.scheduler.config, z, encode(pipe, prompts), encode(pipe, [""]), 5.0)
+    theirs = pipe(prompts, latents=z.clone(), num_inference_steps=25, guidance_scale=5.0, output_type="latent").images
+    assert ours.shape == (2, 4, 8, 8) and torch.allclose(ours, theirs.float(), atol=1e-4)
+    x, y = torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8)
+    assert torch.equal(regression_loss(x, y), torch.full((2,), 256.0))
+
+
+def test_regression_term_pulls_the_generator_toward_the_teacher_samples(tmp_path):
+    """With the SiD terms weighted 0 the generator loss is the regression term alone, and training lowers it."""
+    out = tmp_path / "reg"
+    argv = ["--concept", "circle", "--method", "sfd", "--output", str(out), *FAST, "--steps", "8", "--lr", "3e-5",
+            "--g-remain", "0", "--g-forget", "0", "--regression-weight", "1", "--regression-pairs", "4"]
+    assert main(argv) == 0
+    losses = [x["generator"] for x in json.loads(out.with_name("reg.json").read_text())["loss"]]
+    assert all(x > 0 for x in losses) and sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +137,9 @@ def test_generator_ema_follows_the_sid_half_life():
     assert SFD._update_ema(SimpleNamespace(config=SFDConfig(), G_ema=None), 0) is None
 
 
-@pytest.mark.parametrize("ema", [["--ema-halflife-kimg", "0"], ["--ema-halflife-kimg", "0.01"]], ids=["plain", "ema"])
+@pytest.mark.parametrize("ema", [["--ema-halflife-kimg", "0"], ["--ema-halflife-kimg", "0.01"],
+                                 ["--ema-halflife-kimg", "0", "--regression-weight", "1", "--regression-pairs", "4"]],
+                         ids=["plain", "ema", "regression"])
 def test_resume_continues_bit_identically(tmp_path, ema):
     full = tmp_path / "full"
     assert main(["--concept", "circle", "--method", "sfd", "--output", str(full), *FAST, *ema]) == 0
@@ -141,7 +169,7 @@ def test_resume_continues_bit_identically(tmp_path, ema):
     fa = load_file(str(next((full / "unet").glob("*.safetensors"))))
     fb = load_file(str(next((part / "unet").glob("*.safetensors"))))
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
-    if ema[-1] != "0":  # the student is the EMA, not the last generator
+    if ema[1] != "0":  # the student is the EMA, not the last generator
         plain = tmp_path / "plain"
         assert main(["--concept", "circle", "--method", "sfd", "--output", str(plain), *FAST, "--ema-halflife-kimg", "0"]) == 0
         fp = load_file(str(next((plain / "unet").glob("*.safetensors"))))

@@ -76,6 +76,29 @@ def fake_score_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return ((eps_pred - eps) ** 2).flatten(1).sum(1)
 
 
+def regression_loss(x_g: torch.Tensor, x_teacher: torch.Tensor) -> torch.Tensor:
+    """DMD's regression term: Σ_{CHW} (G(z) − x_φ(z))², per sample (B,); x_φ(z) is the teacher's sample from z."""
+    return ((x_g - x_teacher) ** 2).flatten(1).sum(1)
+
+
+@torch.no_grad()
+def teacher_samples(unet, scheduler_config, z, cond, null, kappa: float, steps: int = 25) -> torch.Tensor:
+    """Deterministic DDIM samples of the teacher from the initial noise z with CFG κ: z (B, 4, h, w), cond (B, 77, D)
+    → clean latents (B, 4, h, w), fp32, in batches of 32."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(scheduler_config)
+    sched.set_timesteps(steps)
+    out = []
+    for i in range(0, len(z), 32):
+        x, c = z[i : i + 32] * sched.init_noise_sigma, cond[i : i + 32]
+        for t in sched.timesteps:
+            tt = torch.full((len(x),), int(t), device=x.device)
+            x = sched.step(eps_guided(unet, x, tt, c, null.expand_as(c), kappa), t, x).prev_sample
+        out.append(x.float())
+    return torch.cat(out)
+
+
 def _dtype(net) -> torch.dtype:
     return next(net.parameters()).dtype
 
@@ -149,6 +172,13 @@ def real_prompts(concept, remain_file: str | None, override: str | None):
     return remain, forget, [override_of(p, concept.name, override) for p in forget]
 
 
+def check_config(config, concept) -> None:
+    """Refuse bad SFD options before any model is loaded (one line each)."""
+    if config.regression_weight < 0 or (config.regression_weight > 0 and config.regression_pairs < 2):
+        raise UserError(f"sfd: need --regression-weight ≥ 0 and, when it is on, --regression-pairs ≥ 2 (got "
+                        f"{config.regression_weight}, {config.regression_pairs})")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the method
 
@@ -175,6 +205,7 @@ class SFD:
         self.abar = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.to(self.teacher.device, torch.float32)
         if not 0 <= config.t_min < config.t_max <= len(self.abar) or not 0 <= config.t_init < len(self.abar):
             raise UserError(f"sfd: need 0 ≤ t_min < t_max ≤ {len(self.abar)} and 0 ≤ t_init < {len(self.abar)}")
+        check_config(config, concept)
         if run.model == TOY_MODEL:
             remain, forget, override = toy_prompts(concept, config.prompt_pool, run.seed, config.concept_override or None)
         else:
@@ -183,9 +214,34 @@ class SFD:
         enc = lambda ps: torch.cat([encode(pipe, ps[i : i + 256]) for i in range(0, len(ps), 256)])  # noqa: E731
         self.remain, self.forget, self.override = enc(remain), enc(forget), enc(override)
         self.null = encode(pipe, [""])
+        self.pairs = self._regression_pairs() if config.regression_weight > 0 else None
         betas = (0.0, 0.999)  # SiD / SFD: Adam β₁ = 0
         self.opt_fake = torch.optim.Adam(self.fake.parameters(), lr=config.lr_fake, betas=betas, eps=1e-8)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=betas, eps=1e-8)
+
+    def _regression_pairs(self) -> dict:
+        """Noise → teacher sample pairs for the regression term, drawn once from the run's seed (so a resumed run
+        redraws the same): half remain prompts, half forget prompts whose target is the override prompt's sample."""
+        cfg, dev = self.config, self.teacher.device
+        gen = torch.Generator().manual_seed(self.run.seed + 7919)
+        c, s = self.teacher.config.in_channels, self.teacher.config.sample_size
+        pairs = {}
+        for name, pool, target, n in (("remain", self.remain, self.remain, cfg.regression_pairs - cfg.regression_pairs // 2),
+                                      ("forget", self.forget, self.override, cfg.regression_pairs // 2)):
+            idx = torch.randint(len(pool), (n,), generator=gen)
+            z = torch.randn((n, c, s, s), generator=gen).to(dev)
+            x = teacher_samples(self.teacher, self.pipe.scheduler.config, z, target[idx].to(dev), self.null.to(dev),
+                                cfg.regression_guidance)
+            pairs[name] = {"z": z, "cond": pool[idx], "x": x}
+        return pairs
+
+    def _regression_term(self, gen, pairs: dict) -> torch.Tensor:
+        """λ · mean over a batch of pairs of ‖G(z) − x_φ(z)‖² (this process's rows of the global batch)."""
+        cfg = self.config
+        idx = torch.randint(len(pairs["z"]), (cfg.batch_size,), generator=gen)[self._rows()]
+        x_g = one_step(self.G, pairs["z"][idx], pairs["cond"][idx], self.abar, cfg.t_init)
+        rows = regression_loss(x_g, pairs["x"][idx])
+        return cfg.regression_weight * _finite_mean(rows, len(rows))
 
     # -- one iteration ------------------------------------------------------------------------------------------
     def _rows(self) -> slice:
@@ -240,7 +296,8 @@ class SFD:
         self.G.requires_grad_(True)
         total = 0.0
         self.opt_g.zero_grad(set_to_none=True)
-        for pool, partner, weight in ((self.remain, None, cfg.g_remain), (self.forget, self.override, cfg.g_forget)):
+        for name, pool, partner, weight in (("remain", self.remain, None, cfg.g_remain),
+                                            ("forget", self.forget, self.override, cfg.g_forget)):
             d = self._draw(gen, pool, partner)
             teacher_cond = d["partner"] if partner is not None else d["cond"]  # forget: the teacher sees c_s
             with self.acc.autocast():
@@ -251,6 +308,8 @@ class SFD:
                 y_real = x0_from_eps(x_t, eps_guided(self.teacher, x_t, d["t"], teacher_cond, null, cfg.cfg_eval_real), a)
                 rows = sid_generator_loss(x_g, y_real, y_fake, cfg.alpha)
                 loss = weight * _finite_mean(rows, len(rows))
+                if self.pairs is not None:
+                    loss = loss + self._regression_term(gen, self.pairs[name])
             loss.backward()
             total += loss.item()
         self._sync_and_step(self.G, self.opt_g, clip=True)
