@@ -122,6 +122,7 @@ class SFDConfig:
     steps: int = _f(12500, "iterations (README evaluates kimg 100 at batch 8: 12.5K)")
     lr: float = _f(1e-6, "generator learning rate, Adam β (0, 0.999) (run_sfd.sh: 1e-6)")
     lr_fake: float = _f(3e-6, "fake-score learning rate (run_sfd.sh: 3e-6)")
+    fake_steps: int = _f(1, "fake-score updates per generator update (SiD / SFD: 1; DMD2's two time-scale rule: 5)")
     batch_size: int = _f(8, "global batch of remain and of forget prompts per iteration (run_sfd.sh: 8)")
     alpha: float = _f(1.0, "SiD α (SD: 1; CIFAR configs: 1.2)")
     t_init: int = _f(625, "the generator's fixed timestep (625 ⇒ σ_init ≈ 2.5)")

@@ -84,6 +84,20 @@ def test_regression_term_pulls_the_generator_toward_the_teacher_samples(tmp_path
     assert all(x > 0 for x in losses) and sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
 
 
+def test_fake_steps_update_the_fake_score_that_many_times_per_iteration(tmp_path, monkeypatch):
+    from erasure.methods import sfd as sfd_module
+
+    calls = []
+    for name in ("_fake_step", "_generator_step"):
+        original = getattr(sfd_module.SFD, name)
+        monkeypatch.setattr(sfd_module.SFD, name,
+                            lambda self, gen, _f=original, _n=name: calls.append(_n) or _f(self, gen))
+    out = tmp_path / "fs"
+    assert main(["--concept", "circle", "--method", "sfd", "--output", str(out), *FAST, "--steps", "2", "--fake-steps", "3"]) == 0
+    assert calls == (["_fake_step"] * 3 + ["_generator_step"]) * 2
+    assert json.loads(out.with_name("fs.json").read_text())["method_config"]["fake_steps"] == 3
+
+
 @pytest.fixture(scope="module")
 def sfd_folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("sfd") / "circle-sfd"

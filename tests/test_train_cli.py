@@ -61,6 +61,7 @@ def test_nudity_preset_defaults_to_sd14_with_the_papers_variant(capsys):
     (["--concept", "circle", "--pair-fraction", "1.5"], "--pair-fraction must be between 0 and 1"),
     (["--concept", "circle", "--method", "sfd", "--output", "o", "--regression-weight", "1", "--regression-pairs", "1"],
      "--regression-pairs ≥ 2"),
+    (["--concept", "circle", "--method", "sfd", "--output", "o", "--fake-steps", "0"], "--fake-steps must be at least 1"),
     # refused before the (missing) model is looked at
     (["--concept", "a dog", "--model", "/no/such/folder", "--pair-fraction", "0.5"], "needs a toy concept"),
 ])

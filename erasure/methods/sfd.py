@@ -6,7 +6,8 @@ to a clean latent in one evaluation at t_init (σ_init ≈ 2.5):
 
     x = √(1−ᾱ_init)·z,    x_g = (x − √(1−ᾱ_init)·G(x, t_init, c)) / √ᾱ_init
 
-Each iteration updates f_ψ, then G, on a *remain* batch (prompts of what must keep working) and a *forget* batch:
+Each iteration updates f_ψ (``fake_steps`` times; 1 in SiD), then G, on a *remain* batch (prompts of what must keep
+working) and a *forget* batch:
 
     L_ψ = Σ_{c ∈ {c_r, c_f}} ‖ε_ψ^{κ1}(x_t, t, c) − ε‖²,   x_t from sg(x_g(c))                     (denoising)
     L_G = Σ (y_real − y_fake) ⊙ ((y_real − x_g) − α (y_real − y_fake)) / w,   w = sg(mean|x_g − y_real|)    (SiD)
@@ -174,6 +175,8 @@ def real_prompts(concept, remain_file: str | None, override: str | None):
 
 def check_config(config, concept) -> None:
     """Refuse bad SFD options before any model is loaded (one line each)."""
+    if config.fake_steps < 1:
+        raise UserError(f"sfd: --fake-steps must be at least 1 (got {config.fake_steps})")
     if config.regression_weight < 0 or (config.regression_weight > 0 and config.regression_pairs < 2):
         raise UserError(f"sfd: need --regression-weight ≥ 0 and, when it is on, --regression-pairs ≥ 2 (got "
                         f"{config.regression_weight}, {config.regression_pairs})")
@@ -369,7 +372,7 @@ class SFD:
         t0 = time.time()
         with no_tf32():
             for step in range(start, cfg.steps):
-                lf = self._fake_step(gen)
+                lf = sum(self._fake_step(gen) for _ in range(cfg.fake_steps)) / cfg.fake_steps
                 lg = self._generator_step(gen)
                 self._update_ema(step)
                 if not (torch.isfinite(torch.tensor(lf)) and torch.isfinite(torch.tensor(lg))):
