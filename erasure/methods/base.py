@@ -51,13 +51,20 @@ def cfg_eps(unet, z, t, cond, uncond, scale: float) -> torch.Tensor:
 
 
 @torch.no_grad()
+def ddim_steps(unet, scheduler, z, cond, uncond, timesteps, guidance: float) -> torch.Tensor:
+    """DDIM (η = 0, CFG) from z (B, 4, h, w) through ``timesteps`` of ``scheduler`` → z (B, 4, h, w)."""
+    for t in timesteps:
+        z = scheduler.step(cfg_eps(unet, z, t, cond, uncond, guidance), t, z).prev_sample
+    return z
+
+
+@torch.no_grad()
 def partial_ddim(unet, scheduler, cond, uncond, *, n_steps: int, stop_at: int, guidance: float, gen) -> tuple:
     """Run ``stop_at`` of ``n_steps`` DDIM steps (η = 0, CFG) from pure noise → (z_t, t). z_t (B, 4, h, w)."""
     scheduler.set_timesteps(n_steps)
     c, s = unet.config.in_channels, unet.config.sample_size
     z = torch.randn((cond.shape[0], c, s, s), generator=gen).to(cond.device, cond.dtype) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps[:stop_at]:
-        z = scheduler.step(cfg_eps(unet, z, t, cond, uncond, guidance), t, z).prev_sample
+    z = ddim_steps(unet, scheduler, z, cond, uncond, scheduler.timesteps[:stop_at], guidance)
     return z, scheduler.timesteps[stop_at]
 
 

@@ -34,8 +34,8 @@ import torch
 
 from adapters.artifact import module_fingerprint
 from adapters.errors import UserError
-from erasure.methods.base import (check_trainable_pipeline, optimizer_tensors, read_checkpoint, restore_optimizer,
-                                   run_metadata, save_checkpoint)
+from erasure.methods.base import (check_trainable_pipeline, ddim_steps, optimizer_tensors, read_checkpoint,
+                                   restore_optimizer, run_metadata, save_checkpoint)
 from pipelines.text import encode
 
 
@@ -90,14 +90,9 @@ def teacher_samples(unet, scheduler_config, z, cond, null, kappa: float, steps: 
 
     sched = DDIMScheduler.from_config(scheduler_config)
     sched.set_timesteps(steps)
-    out = []
-    for i in range(0, len(z), 32):
-        x, c = z[i : i + 32] * sched.init_noise_sigma, cond[i : i + 32]
-        for t in sched.timesteps:
-            tt = torch.full((len(x),), int(t), device=x.device)
-            x = sched.step(eps_guided(unet, x, tt, c, null.expand_as(c), kappa), t, x).prev_sample
-        out.append(x.float())
-    return torch.cat(out)
+    return torch.cat([ddim_steps(unet, sched, z[i : i + 32] * sched.init_noise_sigma, cond[i : i + 32],
+                                 null.expand_as(cond[i : i + 32]), sched.timesteps, kappa).float()
+                      for i in range(0, len(z), 32)])
 
 
 def _dtype(net) -> torch.dtype:
@@ -208,7 +203,6 @@ class SFD:
         self.abar = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.to(self.teacher.device, torch.float32)
         if not 0 <= config.t_min < config.t_max <= len(self.abar) or not 0 <= config.t_init < len(self.abar):
             raise UserError(f"sfd: need 0 ≤ t_min < t_max ≤ {len(self.abar)} and 0 ≤ t_init < {len(self.abar)}")
-        check_config(config, concept)
         if run.model == TOY_MODEL:
             remain, forget, override = toy_prompts(concept, config.prompt_pool, run.seed, config.concept_override or None)
         else:
@@ -229,12 +223,12 @@ class SFD:
         gen = torch.Generator().manual_seed(self.run.seed + 7919)
         c, s = self.teacher.config.in_channels, self.teacher.config.sample_size
         pairs = {}
-        for name, pool, target, n in (("remain", self.remain, self.remain, cfg.regression_pairs - cfg.regression_pairs // 2),
-                                      ("forget", self.forget, self.override, cfg.regression_pairs // 2)):
+        half = cfg.regression_pairs // 2
+        for name, pool, target, n in (("remain", self.remain, self.remain, cfg.regression_pairs - half),
+                                      ("forget", self.forget, self.override, half)):
             idx = torch.randint(len(pool), (n,), generator=gen)
             z = torch.randn((n, c, s, s), generator=gen).to(dev)
-            x = teacher_samples(self.teacher, self.pipe.scheduler.config, z, target[idx].to(dev), self.null.to(dev),
-                                cfg.regression_guidance)
+            x = teacher_samples(self.teacher, self.pipe.scheduler.config, z, target[idx], self.null, cfg.regression_guidance)
             pairs[name] = {"z": z, "cond": pool[idx], "x": x}
         return pairs
 
