@@ -45,7 +45,11 @@ def swapped(module: torch.nn.Module, values: dict[str, torch.Tensor]):
 
 
 def cfg_eps(unet, z, t, cond, uncond, scale: float) -> torch.Tensor:
-    """Classifier-free-guided ε: ε(∅) + s·(ε(c) − ε(∅)). z (B, 4, h, w); cond, uncond (B, 77, D)."""
+    """Classifier-free-guided ε: ε(∅) + s·(ε(c) − ε(∅)), one pass when s = 1 (as diffusers' pipelines).
+    z (B, 4, h, w); t a scalar or (B,); cond, uncond (B, 77, D)."""
+    if scale == 1.0:
+        return unet(z, t, cond).sample
+    t = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim else t
     e_u, e_c = unet(torch.cat([z, z]), t, torch.cat([uncond, cond])).sample.chunk(2)
     return e_u + scale * (e_c - e_u)
 

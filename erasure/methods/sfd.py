@@ -34,7 +34,7 @@ import torch
 
 from adapters.artifact import module_fingerprint
 from adapters.errors import UserError
-from erasure.methods.base import (check_trainable_pipeline, ddim_steps, optimizer_tensors, read_checkpoint,
+from erasure.methods.base import (cfg_eps, check_trainable_pipeline, ddim_steps, optimizer_tensors, read_checkpoint,
                                    restore_optimizer, run_metadata, save_checkpoint)
 from pipelines.text import encode
 
@@ -53,11 +53,9 @@ def one_step(G, z: torch.Tensor, cond: torch.Tensor, abar: torch.Tensor, t_init:
 
 
 def eps_guided(net, x_t, t, cond, uncond, kappa: float) -> torch.Tensor:
-    """ε_u + κ (ε_c − ε_u), one pass when κ = 1. x_t (B, 4, h, w); cond, uncond (B, 77, D) → (B, 4, h, w), fp32."""
-    if kappa == 1.0:
-        return net(x_t.to(_dtype(net)), t, cond).sample.float()
-    e_u, e_c = net(torch.cat([x_t, x_t]).to(_dtype(net)), torch.cat([t, t]), torch.cat([uncond, cond])).sample.float().chunk(2)
-    return e_u + kappa * (e_c - e_u)
+    """``cfg_eps`` at κ, run in the network's dtype. x_t (B, 4, h, w); t (B,); cond, uncond (B, 77, D)
+    → (B, 4, h, w), fp32."""
+    return cfg_eps(net, x_t.to(_dtype(net)), t, cond, uncond, kappa).float()
 
 
 def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
