@@ -91,14 +91,25 @@ def test_base_world_meets_the_quality_bars(quality, tmp_path):
     assert q["pair"]["both"]["rate"] >= 0.80
 
 
-def test_build_runs_end_to_end_at_smoke_scale(tmp_path):
+def test_build_runs_end_to_end_at_smoke_scale(tmp_path, monkeypatch):
+    import torch
+
+    from erasure.toyworld import build as build_module
+    from erasure.toyworld import models
     from erasure.toyworld.build import BuildConfig, build
 
-    report = build(BuildConfig(output=str(tmp_path), scale=0.002, polish_rounds=2, quiet=True))
+    seen = []  # ᾱ_t of every training batch, in order; the polish rounds' batches come last
+    loss = build_module.diffusion_loss
+    monkeypatch.setattr(build_module, "diffusion_loss", lambda p, e, a: seen.append(a.clone()) or loss(p, e, a))
+    report = build(BuildConfig(output=str(tmp_path), scale=0.002, polish_rounds=2, polish_t_max=300, quiet=True))
     assert {"vae_psnr_db", "unet_final_loss", "clip_final_loss"} <= report.keys()
     assert {"data", "vae", "unet", "refine", "polish_1", "polish_2", "judge", "clip"} <= report["stages_s"].keys()
-    markers = {p.name for p in (tmp_path / "pipeline").glob("*.json")}
-    assert {"refined.json", "polished-1.json", "polished-2.json"} <= markers, "each UNet stage leaves its marker"
+    markers = {p.name: json.loads(p.read_text()) for p in (tmp_path / "pipeline").glob("*.json")}
+    assert {"refined.json", "polished-1.json", "polished-2.json"} <= markers.keys(), "each UNet stage leaves its marker"
+    assert markers["polished-2.json"]["t_max"] == 300 and "t_max" not in markers["refined.json"]
+    abar = models.make_scheduler("ddpm").alphas_cumprod
+    assert bool((seen[-1] > abar[300]).all()), "the polish rounds train on t < polish_t_max"
+    assert bool((torch.cat(seen[:3]) < abar[300]).any()), "the stages before them on every t"
     # a resumed build runs only the missing stage, and its report keeps what the first run measured
     (tmp_path / "pipeline" / "polished-2.json").unlink()
     again = build(BuildConfig(output=str(tmp_path), scale=0.002, polish_rounds=2, quiet=True))

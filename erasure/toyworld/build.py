@@ -50,6 +50,7 @@ class BuildConfig:
     polish_rounds: int = 0  # UNet-only rounds (stage 2c), each a fresh warm-up + cosine; 2 meet the fill bar (README)
     polish_steps: int = 1200
     polish_lr: float = 3e-4
+    polish_t_max: int = 1000  # polish rounds train on timesteps [0, polish_t_max); 500: the fine detail (README)
     judge_steps: int = 1200
     judge_batch: int = 128
     clip_steps: int = 1000
@@ -246,11 +247,12 @@ def refine_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, out: Path, th
 
     if round_ == 0:
         seed, steps, lr = cfg.seed + 4, cfg.scaled("refine_steps"), cfg.refine_lr
-        name, marker = "unet refine", "refined.json"
+        name, marker, t_max = "unet refine", "refined.json", 1000
         torch.manual_seed(seed)
     else:
         seed, steps, lr = cfg.seed + round_ + 4, cfg.scaled("polish_steps"), cfg.polish_lr
         name, marker = f"unet polish {round_}", f"polished-{round_}.json"
+        t_max = cfg.polish_t_max
         torch.manual_seed(cfg.seed + round_)
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", dtype=torch.float32, local_files_only=True,
                                                    safety_checker=None)
@@ -273,7 +275,7 @@ def refine_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, out: Path, th
             idx = torch.randint(len(mean), (cfg.unet_batch,), generator=gen)
             c = which[idx].clone()
             c[torch.rand(len(idx), generator=gen) < 0.1] = empty  # caption dropout → CFG
-            t = torch.randint(0, 1000, (len(idx),), generator=gen)
+            t = torch.randint(0, t_max, (len(idx),), generator=gen)
             eps = torch.randn(mean[idx].shape, generator=gen)
             a = alphas[t].view(-1, 1, 1, 1)
             pred = unet(a.sqrt() * mean[idx] + (1 - a).sqrt() * eps, t, cond_all[c]).sample
@@ -286,7 +288,8 @@ def refine_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, out: Path, th
     pipe.unet = ema
     pipe.to(torch.float16)
     done = {p.name: p.read_text() for p in (out / "pipeline").glob("*.json") if p.name != "model_index.json"}
-    markers = {**done, marker: json.dumps({"steps": steps, "lr": lr, "seed": seed})}  # earlier stages' markers too
+    this = {"steps": steps, "lr": lr, "seed": seed, **({"t_max": t_max} if round_ else {})}
+    markers = {**done, marker: json.dumps(this)}  # earlier stages' markers too
     _save_model_atomic(pipe, out / "pipeline", extra_files=markers, safe_serialization=True)
     _log(cfg, f"{name}: final loss {loss.item():.4f}")
     key = "refine_final_loss" if round_ == 0 else f"polish_{round_}_final_loss"
