@@ -40,11 +40,9 @@ def test_student_keeps_the_other_shapes_and_colours(student_report):
     assert rest["erased"]["colour"]["rate"] >= 0.90, rest["erased"]["colour"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue bar not met: the one-step student's toy FID is 1.67x the 25-step "
-                                       "teacher's (10.4 vs 6.2; its fills 0.57 vs 0.77; seed 1 1.62x); 18 other "
-                                       "settings measured 1.66-5.5x (README), the polished world 1.69x")
 def test_student_fid_is_within_1_5x_of_the_teacher(student_report):
-    """Toy FID against data images drawn for the same prompts (judge features, same sample count)."""
+    """Toy FID against data images drawn for the same prompts (judge features, same sample count). Measured (1
+    thread): 7.55 vs 6.21 (1.22×; seed 1 1.31×); with loss timesteps up to 980 instead of the toy default 700, 1.67×."""
     rest = student_report["rest"]
     assert rest["erased"]["fid"] <= 1.5 * rest["base"]["fid"], (rest["erased"]["fid"], rest["base"]["fid"])
 
@@ -54,6 +52,7 @@ def test_run_record_states_the_toy_defaults(student):
     mc = record["method_config"]
     assert (mc["steps"], mc["batch_size"]) == (400, 8) and len(record["loss"]) == 400
     assert (mc["cfg_train_fake"], mc["cfg_eval_fake"], mc["cfg_eval_real"], mc["ema_halflife_kimg"]) == (2, 2, 2, 0.5)
+    assert (mc["t_min"], mc["t_max"], mc["t_init"]) == (20, 700, 625)
     assert all(isinstance(x["generator"], float) and isinstance(x["fake"], float) for x in record["loss"])
 
 
