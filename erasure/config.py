@@ -76,6 +76,9 @@ class SPMConfig:
     anchor_source: str = _f("random", "anchors: 'random' text-space directions (SPM code), the preset's anchor "
                             "'prompts', 'both', or 'captions' (toy world: captions of scenes without the concept; "
                             "elsewhere the preset's anchor prompts)", choices=("random", "prompts", "both", "captions"))
+    steer: str = _f("surrogate", "what the concept's prompts are steered to: the preset's 'surrogate' (SPM: the empty "
+                    "prompt), or, on the toy world, each prompt with the concept's word 'swap'ped for the substitute's",
+                    choices=("surrogate", "swap"))
     pair_fraction: float = _f(0.0, "toy world: share of each batch drawn from two-object captions naming the concept, "
                               "each steered to its other object alone instead of the surrogate (0: none, as SPM)")
     pair_eta: float = _f(1.0, "η of those pair rows (0: steer them to their target without pushing away)")
@@ -162,7 +165,7 @@ TOY_DEFAULTS = {
             "regression_guidance": 5.0,  # the toy world's sampler CFG (erasure.toyworld.models.GUIDANCE)
             "t_max": 700},  # above it the teacher's x̂₀ is mostly the caption's mean; FID 1.67× → 1.22× (README)
     "spm": {"steps": 200, "lr": 5e-3, "batch_size": 4, "ddim_steps": 12, "anchor_weight": 1.5, "anchor_samples": 4,
-            "anchor_source": "captions", "anchor_latents": "own", "pair_fraction": 0.5},
+            "anchor_source": "captions", "anchor_latents": "own", "pair_fraction": 0.5},  # shapes: + steer swap (concepts)
     "salun": {"steps": 200, "lr": 1e-4, "batch_size": 16, "alpha": 0.4, "forget_images": 512, "retain_images": 4096},
 }
 

@@ -10,7 +10,8 @@ import pipelines
 from adapters import membrane
 from adapters.artifact import load_artifact, save_artifact
 from adapters.errors import UserError
-from erasure.methods.spm import anchor_loss, erase_loss, random_anchors
+from erasure.config import SPMConfig, TrainConfig
+from erasure.methods.spm import SPM, anchor_loss, erase_loss, random_anchors
 from erasure.train import main
 from pipelines.text import encode
 from pipelines.testing import save_tiny, tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -236,6 +237,27 @@ def test_caption_anchors_and_pairs_never_show_the_concept():
         assert all(word in pair for word in other.split()[1:]), (pair, other)
     swapped = pair_prompts(circle, seed=0, n=5, swap=True)
     assert all("circle" not in s and "square" in s for _, s in swapped)
+
+
+def test_steer_swap_pairs_each_prompt_with_its_substitute_word():
+    """--steer swap: each of the concept's prompts is steered to itself with the substitute's word, row by row (a red
+    circle → a red square; red → orange; striped → solid), and the articles follow the new word."""
+    from erasure.concepts import resolve
+    from erasure.methods.spm import swap_word
+
+    circle, red, striped = (resolve(c) for c in ("circle", "red", "striped"))
+    assert swap_word(circle, ["a circle", "a red circle", "a striped circle"]) == ["a square", "a red square",
+                                                                                    "a striped square"]
+    assert swap_word(red, ["a red square", "a red circle and a blue star"]) == ["an orange square",
+                                                                                "an orange circle and a blue star"]
+    assert swap_word(striped, ["a striped heart"]) == ["a solid heart"]
+    pipe = pipelines.load("toy")
+    run = TrainConfig(concept="circle", method="spm")
+    swap = SPM(pipe, circle, SPMConfig(steer="swap"), run)
+    plain = SPM(pipelines.load("toy"), circle, SPMConfig(), run)
+    assert swap.surrogate.shape == swap.targets.shape == plain.surrogate.shape
+    assert torch.equal(swap.surrogate[1], encode(pipe, ["a red square"])[0])
+    assert torch.equal(plain.surrogate[1], encode(pipe, [""])[0]), "the default: SPM's empty surrogate, every row"
 
 
 def test_cross_kv_membrane_wraps_only_the_text_projections_and_loads(tmp_path):

@@ -33,6 +33,7 @@ def test_dry_run_resolves_toy_defaults_and_preset(capsys):
     # the default method is SPM, with its toy-world defaults
     assert cfg["run"]["model"] == "toy" and cfg["run"]["method"] == "spm"
     assert cfg["spm"]["anchor_source"] == "captions" and cfg["spm"]["pair_fraction"] == 0.5
+    assert (cfg["spm"]["steer"], cfg["spm"]["pair_target"], cfg["spm"]["steps"]) == ("swap", "swap", 300)
     assert cfg["run"]["output"].endswith("circle-spm.safetensors")
     assert main(["--concept", "circle", "--method", "salun", "--dry-run"]) == 0
     cfg = json.loads(capsys.readouterr().out)
@@ -64,6 +65,8 @@ def test_nudity_preset_defaults_to_sd14_with_the_papers_variant(capsys):
     (["--concept", "circle", "--method", "sfd", "--output", "o", "--fake-steps", "0"], "--fake-steps must be at least 1"),
     # refused before the (missing) model is looked at
     (["--concept", "a dog", "--model", "/no/such/folder", "--pair-fraction", "0.5"], "needs a toy concept"),
+    (["--concept", "a dog", "--model", "/no/such/folder", "--pair-fraction", "0", "--steer", "swap"],
+     "--steer swap needs a toy concept"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, match, capsys, tmp_path):
     assert main(argv + ["--output", str(tmp_path / "o.safetensors")] if "--output" not in argv else argv) == 2

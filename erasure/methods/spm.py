@@ -81,17 +81,32 @@ def check_config(config, concept) -> None:
     if not 0.0 <= config.pair_fraction <= 1.0:
         raise UserError(f"--pair-fraction must be between 0 and 1 (got {config.pair_fraction})")
     if config.pair_fraction > 0:
-        _need_toy(concept)
+        _need_toy(concept, "--pair-fraction", "two-object captions come from the toy world")
+    if config.steer == "swap":
+        _need_toy(concept, "--steer swap", "it swaps the toy concept's word for its substitute's")
 
 
-def _need_toy(concept) -> None:
+def _need_toy(concept, option: str, why: str) -> None:
     if not concept.is_toy:
-        raise UserError("spm: --pair-fraction needs a toy concept (two-object captions come from the toy world)")
+        raise UserError(f"spm: {option} needs a toy concept ({why})")
+
+
+def swap_word(concept, prompts: list[str]) -> list[str]:
+    """Each toy prompt with the concept's word replaced by its substitute's ("a red circle" → "a red square")."""
+    import re
+
+    from erasure.concepts import toy_word
+    from erasure.toyworld import data
+
+    word = toy_word(concept, concept.substitute, "spm: the substitute")
+    named = re.compile(rf"\b{re.escape(concept.name)}\b")
+    return [data.articles(named.sub(word, p)) for p in prompts]
 
 
 def pair_prompts(concept, seed: int, n: int = 256, swap: bool = False) -> list[tuple[str, str]]:
-    """``pair_fraction``: ``n`` toy two-object captions naming the concept, each with its other object alone."""
-    _need_toy(concept)
+    """``pair_fraction``: ``n`` toy two-object captions naming the concept, each with its other object alone (or, with
+    ``swap``, the caption with the concept's word swapped for the substitute's)."""
+    _need_toy(concept, "--pair-fraction", "two-object captions come from the toy world")
     import numpy as np
 
     from erasure.toyworld import data
@@ -99,13 +114,7 @@ def pair_prompts(concept, seed: int, n: int = 256, swap: bool = False) -> list[t
     rng = np.random.default_rng(seed + 1)
     pairs = [data.concept_pair(concept.name, rng) for _ in range(n)]
     if swap:
-        import re
-
-        from erasure.concepts import toy_word
-
-        word = toy_word(concept, concept.substitute, "spm: the substitute")
-        named = re.compile(rf"\b{re.escape(concept.name)}\b")
-        pairs = [(p, data.articles(named.sub(word, p))) for p, _ in pairs]
+        pairs = list(zip([p for p, _ in pairs], swap_word(concept, [p for p, _ in pairs])))
     return pairs
 
 
@@ -127,7 +136,10 @@ class SPM:
         self.params = {f"{p}.{k}": v for p, b in branches.items() for k, v in b.named_parameters()}
         self.sampler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.targets = encode(pipe, list(concept.prompts))  # (P, L, D)
-        self.surrogate = encode(pipe, [concept.surrogate])  # (1, L, D)
+        if config.steer == "swap":  # each target prompt → itself with the substitute's word: (P, L, D)
+            self.surrogate = encode(pipe, swap_word(concept, list(concept.prompts)))
+        else:
+            self.surrogate = encode(pipe, [concept.surrogate]).expand(len(self.targets), -1, -1)  # (P, L, D)
         self.pairs = None  # two-object captions naming the concept and their other object alone: (2, Q, L, D)
         if config.pair_fraction > 0:
             pairs = pair_prompts(concept, run.seed, swap=config.pair_target == "swap")
@@ -154,7 +166,7 @@ class SPM:
     def loss(self, gen: torch.Generator) -> torch.Tensor:
         cfg = self.config
         idx = torch.randint(len(self.targets), (cfg.batch_size,), generator=gen)
-        tar, sur = self.targets[idx], self.surrogate.expand(cfg.batch_size, -1, -1)  # (B, L, D) ×2
+        tar, sur = self.targets[idx], self.surrogate[idx]  # (B, L, D) ×2
         eta = torch.full((cfg.batch_size,), cfg.eta)
         if self.pairs is not None:  # some rows: a pair naming the concept → its other object alone
             use = torch.rand(cfg.batch_size, generator=gen) < cfg.pair_fraction
