@@ -80,7 +80,8 @@ def test_base_world_quality_does_not_regress(quality):
 
 @pytest.mark.xfail(strict=True, reason="fill is below DESIGN §4's bar (measured 0.735 vs 0.90: striped and dotted "
                    "get mixed up); the build's --polish-rounds 2 meets every bar (fill 0.915; with --polish-t-max 500 "
-                   "0.944) but the SPM toy bars, tuned on this world, then fail (README; issue 3)")
+                   "0.944); the world is not switched yet: the SPM stack bars fail there and the build would take "
+                   "longer than 60 minutes (README; issue 3)")
 def test_base_world_meets_the_quality_bars(quality, tmp_path):
     q = quality
     (tmp_path / "quality.json").write_text(json.dumps(q))
