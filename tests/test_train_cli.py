@@ -34,6 +34,9 @@ def test_dry_run_resolves_toy_defaults_and_preset(capsys):
     assert cfg["run"]["model"] == "toy" and cfg["run"]["method"] == "spm"
     assert cfg["spm"]["anchor_source"] == "captions" and cfg["spm"]["pair_fraction"] == 0.5
     assert (cfg["spm"]["steer"], cfg["spm"]["pair_target"], cfg["spm"]["steps"]) == ("swap", "swap", 300)
+    assert main(["--concept", "red", "--dry-run"]) == 0  # colours and fills keep SPM's empty surrogate
+    red = json.loads(capsys.readouterr().out)["spm"]
+    assert (red["steer"], red["pair_target"], red["steps"]) == ("surrogate", "other", 200)
     assert cfg["run"]["output"].endswith("circle-spm.safetensors")
     assert main(["--concept", "circle", "--method", "salun", "--dry-run"]) == 0
     cfg = json.loads(capsys.readouterr().out)
