@@ -251,6 +251,7 @@ def test_steer_swap_pairs_each_prompt_with_its_substitute_word():
     assert swap_word(red, ["a red square", "a red circle and a blue star"]) == ["an orange square",
                                                                                 "an orange circle and a blue star"]
     assert swap_word(striped, ["a striped heart"]) == ["a solid heart"]
+    assert swap_word(resolve("orange"), ["an orange circle"]) == ["a red circle"], "the article follows the new word"
     pipe = pipelines.load("toy")
     run = TrainConfig(concept="circle", method="spm")
     swap = SPM(pipe, circle, SPMConfig(steer="swap"), run)

@@ -143,7 +143,7 @@ def toy_prompts(concept, n: int, seed: int, override: str | None = None):
         scene = data.sample_pair(rng)
         if data.contains(scene, concept.name) and named.search(scene.caption):
             forget.append(scene.caption)
-            over.append(data.articles(named.sub(word, scene.caption)))
+            over.append(data.swap_word(scene.caption, concept.name, word))
     return data.captions_without(concept.name, n, rng), forget, over
 
 

@@ -93,14 +93,11 @@ def _need_toy(concept, option: str, why: str) -> None:
 
 def swap_word(concept, prompts: list[str]) -> list[str]:
     """Each toy prompt with the concept's word replaced by its substitute's ("a red circle" → "a red square")."""
-    import re
-
     from erasure.concepts import toy_word
     from erasure.toyworld import data
 
     word = toy_word(concept, concept.substitute, "spm: the substitute")
-    named = re.compile(rf"\b{re.escape(concept.name)}\b")
-    return [data.articles(named.sub(word, p)) for p in prompts]
+    return [data.swap_word(p, concept.name, word) for p in prompts]
 
 
 def pair_prompts(concept, seed: int, n: int = 256, swap: bool = False) -> list[tuple[str, str]]:
@@ -114,7 +111,8 @@ def pair_prompts(concept, seed: int, n: int = 256, swap: bool = False) -> list[t
     rng = np.random.default_rng(seed + 1)
     pairs = [data.concept_pair(concept.name, rng) for _ in range(n)]
     if swap:
-        pairs = list(zip([p for p, _ in pairs], swap_word(concept, [p for p, _ in pairs])))
+        captions = [p for p, _ in pairs]
+        pairs = list(zip(captions, swap_word(concept, captions)))
     return pairs
 
 

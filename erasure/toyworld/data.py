@@ -230,6 +230,13 @@ def articles(text: str) -> str:
     return " ".join("an" if w == "a" and i + 1 < len(ws) and ws[i + 1][0] in "aeiou" else w for ws in [text.split(" ")] for i, w in enumerate(ws))
 
 
+def swap_word(text: str, concept: str, word: str) -> str:
+    """``text`` with the word ``concept`` replaced by ``word``, articles following the new word ("an orange circle",
+    orange → red: "a red circle"; "a red circle", red → orange: "an orange circle")."""
+    swapped = re.sub(rf"\b{re.escape(concept)}\b", word, text)
+    return articles(re.sub(r"\ban\b", "a", swapped))
+
+
 def _allowed(shape: str, colour: str) -> bool:
     return (shape, colour) not in HELD_OUT
 
