@@ -5,11 +5,17 @@ Stages (each writes its weights atomically, so an interrupted build resumes at t
 1. ``vae``   — AutoencoderKL on data images (L1 + small KL), then the latent scaling factor is measured.
 2. ``unet``  — CLIP text encoder and UNet trained jointly on VAE latents of captioned images (ε-prediction, SD's
    noise schedule, 10 % caption dropout for classifier-free guidance, EMA); then ``refine``: the UNet alone, with
-   the text encoder frozen and every caption's conditioning computed once.
+   the text encoder frozen and every caption's conditioning computed once; ``--polish-rounds N``: N more rounds of
+   the UNet alone, each a fresh warm-up + cosine schedule, on timesteps t < ``--polish-t-max`` (README, "Base world").
 3. ``judge`` — the multi-label judge on data images, their VAE reconstructions, and negatives.
 4. ``clip``  — a tiny open_clip CLIP trained contrastively on the captions.
 
-The defaults are the committed build. ``--scale 0.01`` runs a smoke build (tests use it on a temp folder).
+The defaults are the committed build's recipe, and the weights depend on the seeds and ``--threads`` alone: the main
+process's thread count follows the stage and step, never the helper process's progress (CPU kernels round
+differently with another thread count), so builds — resumed or not, with ``--jobs 1`` or 2 — make the same
+``.safetensors`` files byte for byte (with the same torch build on the same kind of CPU). The committed weights
+predate this schedule (their build switched threads when the helper finished), so a rebuild makes a world of their
+recipe, not their bits. ``--scale 0.01`` runs a smoke build (tests use it on a temp folder).
 """
 
 from __future__ import annotations
@@ -47,16 +53,19 @@ class BuildConfig:
     unet_lr: float = 1e-3
     refine_steps: int = 800  # UNet-only steps with the text encoder frozen (stage 2b)
     refine_lr: float = 5e-4
-    polish_rounds: int = 0  # UNet-only rounds (stage 2c), each a fresh warm-up + cosine; 2 meet the fill bar (README)
+    polish_rounds: int = 0  # UNet-only rounds (stage 2c), each a fresh warm-up + cosine; the fill bar (README)
     polish_steps: int = 1200
     polish_lr: float = 3e-4
-    polish_t_max: int = 1000  # polish rounds train on timesteps [0, polish_t_max); 500: the fine detail (README)
+    polish_t_max: int = 1000  # polish rounds train on timesteps [0, polish_t_max); 500: the fill detail (README)
     judge_steps: int = 1200
     judge_batch: int = 128
     clip_steps: int = 1000
     scale: float = 1.0  # multiplies every size and step count (smoke builds)
-    threads: int = 0  # torch threads; 0 = torch's default
-    jobs: int = 2  # 2: train the judge and CLIP in a helper process beside the VAE / UNet stages
+    threads: int = 2  # torch threads of the main process's full-speed stages (the weights depend on it: CPU kernels
+    #                   round differently with another thread count)
+    jobs: int = 2  # 2: train the judge and CLIP in a helper process beside the VAE / UNet stages (same weights as 1)
+    helper_steps: int = 400  # joint UNet steps run on one thread beside the helper before the main process waits
+    #                          for it and takes every thread (a fixed step, so the weights do not depend on timing)
     quiet: bool = False
 
     def scaled(self, name: str) -> int:
@@ -132,7 +141,7 @@ def train_vae(cfg: BuildConfig, images: np.ndarray, out: Path, threads: _Threads
             rec = vae.decode(z).sample
             loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * z.pow(2).mean()
             _optimise(opt, sched, loss, bar, vae.parameters())
-            threads.poll()
+            threads.check()
     vae.eval()
     with torch.no_grad():
         z = torch.cat([vae.encode(x_all[i : i + 512]).latent_dist.mean for i in range(0, min(len(x_all), 4096), 512)])
@@ -160,27 +169,32 @@ def diffusion_loss(pred: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tenso
 
 
 class _Threads:
-    """Torch threads for the main process: one while the helper process trains the judge and CLIP beside it, all
-    of them while it waits for the VAE and once it is done (two processes of one thread each use 2 cores better
-    than one process of two)."""
+    """Torch threads of the main process, a function of the stage and step alone: one thread for the VAE and the
+    first ``helper_steps`` joint UNet steps (the helper process trains CLIP and the judge on the other core
+    meanwhile), then — after waiting for the helper — ``cfg.threads`` for the rest. CPU kernels round differently
+    with different thread counts, so a schedule that followed the helper's progress would make every build differ;
+    this one makes a build bit-identical to any other with the same ``--threads`` (resumed, or with ``--jobs 1``)."""
 
-    def __init__(self, full: int, helper=None, waiting: Path | None = None):
-        self.full, self.helper, self.waiting = full, helper, waiting
-        self.n = None
-        self.poll()
+    def __init__(self, full: int, helper=None):
+        self.full, self.helper = full, helper
+        self.one()
 
-    def _set(self, n: int) -> None:
-        if n != self.n:
-            torch.set_num_threads(n)
-            self.n = n
+    def one(self) -> None:
+        torch.set_num_threads(1)
+        self.check()
 
-    def poll(self) -> None:
-        if self.helper is not None and self.helper.ready():
-            if not self.helper.successful():
-                self.helper.get()  # raise the helper's error now rather than after the UNet stages
+    def all(self) -> None:
+        """Wait for the helper process (re-raising its error), then use every thread."""
+        if self.helper is not None:
+            self.helper.wait()
+            self.check()
             self.helper = None
-        busy = self.helper is not None and not (self.waiting is not None and self.waiting.exists())
-        self._set(1 if busy else self.full)
+        torch.set_num_threads(self.full)
+
+    def check(self) -> None:
+        """Raise the helper's error now rather than after the UNet stages."""
+        if self.helper is not None and self.helper.ready() and not self.helper.successful():
+            self.helper.get()
 
 
 def _ema_update(ema, model, decay):
@@ -192,6 +206,8 @@ def _ema_update(ema, model, decay):
 def train_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, tokenizer, out: Path, threads: _Threads):
     from diffusers import StableDiffusionPipeline
 
+    threads.one()
+    switch = cfg.scaled("helper_steps")
     torch.manual_seed(cfg.seed + 1)
     unet, text_encoder = models.make_unet(), models.make_text_encoder()
     noise_sched = models.make_scheduler("ddpm")
@@ -220,7 +236,10 @@ def train_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, tokenizer, out
             cond = text_encoder(tok).last_hidden_state  # (B, 77, 64)
             loss = diffusion_loss(unet(zt, t, cond).sample, eps, a.flatten())
             _optimise(opt, sched, loss, bar, params)
-            threads.poll()
+            if step + 1 == switch:
+                threads.all()
+            else:
+                threads.check()
             if bar.disable and not cfg.quiet and (step + 1) % 200 == 0:
                 _log(cfg, f"unet+text: step {step + 1}/{steps} loss {loss.item():.4f}")
             decay = min(0.999, (1 + step) / (10 + step))
@@ -245,6 +264,7 @@ def refine_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, out: Path, th
     rounds of stage 2c are what bring the fill style up to the bar (README, "Base world")."""
     from diffusers import StableDiffusionPipeline
 
+    threads.all()
     if round_ == 0:
         seed, steps, lr = cfg.seed + 4, cfg.scaled("refine_steps"), cfg.refine_lr
         name, marker, t_max = "unet refine", "refined.json", 1000
@@ -281,7 +301,6 @@ def refine_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, out: Path, th
             pred = unet(a.sqrt() * mean[idx] + (1 - a).sqrt() * eps, t, cond_all[c]).sample
             loss = diffusion_loss(pred, eps, a.flatten())
             _optimise(opt, sched, loss, bar, unet.parameters())
-            threads.poll()
             _ema_update(ema, unet, min(0.999, (1 + step) / (10 + step)))
             if bar.disable and not cfg.quiet and (step + 1) % 200 == 0:
                 _log(cfg, f"{name}: step {step + 1}/{steps} loss {loss.item():.4f}")
@@ -403,34 +422,30 @@ def train_clip(cfg: BuildConfig, images: np.ndarray, captions: list[str], out: P
     return {"clip_final_loss": round(loss.item(), 4)}
 
 
-def _load_vae(out: Path, waiting: Path | None = None):
-    """The stage-1 VAE from ``out``. With ``waiting`` (a flag file), block until the main process has written it,
-    with the flag present meanwhile so the main process knows it may use every core."""
+def _load_vae(out: Path, wait: bool = False):
+    """The stage-1 VAE from ``out``, rounded to the fp16 weights that ship (stage 1 writes fp32, the pipeline fp16:
+    the judge reads the same VAE whenever it loads it); with ``wait``, block until the main process has written it."""
     from diffusers import AutoencoderKL
 
     folder = out / "pipeline" / "vae"
     while True:
         try:
-            vae = AutoencoderKL.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
-            break
+            vae = AutoencoderKL.from_pretrained(folder, dtype=torch.float32)
+            return vae.half().float().eval().requires_grad_(False)
         except (OSError, ValueError):  # not written yet (or being replaced): the folder appears atomically
-            if waiting is None:
+            if not wait:
                 raise
-            waiting.touch()
             time.sleep(2)
-    if waiting is not None:
-        waiting.unlink(missing_ok=True)
-    return vae
 
 
-def _judge_and_clip(cfg: BuildConfig, images: np.ndarray, captions: list[str], waiting: Path | None = None) -> dict:
+def _judge_and_clip(cfg: BuildConfig, images: np.ndarray, captions: list[str], wait: bool = False) -> dict:
     """Stages 3 and 4. CLIP needs only the data, so it runs first; the judge reads VAE reconstructions."""
     out, report = Path(cfg.output), {}
     t = time.time()
     if not (out / "clip" / "clip.safetensors").exists():
         report.update(train_clip(cfg, images, captions, out))
     report["clip_s"] = round(time.time() - t, 1)
-    vae = _load_vae(out, waiting)
+    vae = _load_vae(out, wait)
     t = time.time()
     if not (out / "judge" / "judge.safetensors").exists():
         train_judge(cfg, vae, out)
@@ -438,13 +453,13 @@ def _judge_and_clip(cfg: BuildConfig, images: np.ndarray, captions: list[str], w
     return report
 
 
-def _helper_process(cfg_fields: dict, images_path: str, captions_path: str, waiting: str) -> dict:
+def _helper_process(cfg_fields: dict, images_path: str, captions_path: str) -> dict:
     """Entry point of the helper process (one torch thread): judge and CLIP beside the main process's VAE / UNet."""
     torch.set_num_threads(1)
     cfg = BuildConfig(**cfg_fields)
     images = np.load(images_path, mmap_mode="r")
     captions = json.loads(Path(captions_path).read_text())
-    return _judge_and_clip(cfg, images, captions, Path(waiting))
+    return _judge_and_clip(cfg, images, captions, wait=True)
 
 
 def build(cfg: BuildConfig) -> dict:
@@ -453,7 +468,6 @@ def build(cfg: BuildConfig) -> dict:
     from pipelines.tokenizer import clip_tokenizer
 
     full_threads = cfg.threads or torch.get_num_threads()
-    torch.set_num_threads(full_threads)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     report, stages = {"config": asdict(cfg)}, {}
@@ -471,18 +485,19 @@ def build(cfg: BuildConfig) -> dict:
             np.save(tmp / "images.npy", images)
             (tmp / "captions.json").write_text(json.dumps(captions))
             pool = multiprocessing.get_context("spawn").Pool(1)
-            helper = pool.apply_async(_helper_process, (asdict(cfg), str(tmp / "images.npy"), str(tmp / "captions.json"),
-                                                        str(tmp / "helper-waiting")))
+            helper = pool.apply_async(_helper_process, (asdict(cfg), str(tmp / "images.npy"), str(tmp / "captions.json")))
             _log(cfg, "judge and CLIP: training in a helper process")
-        threads = _Threads(full_threads, helper, tmp / "helper-waiting" if tmp else None)
+        threads = _Threads(full_threads, helper)
         t = time.time()
         if (out / "pipeline" / "vae" / "config.json").exists():
             vae = _load_vae(out)
         else:
-            vae, info = train_vae(cfg, images, out, threads)
-            report.update(info)
+            report.update(train_vae(cfg, images, out, threads)[1])
+            vae = _load_vae(out)  # the fp16-rounded weights that ship, as a resumed build reads them
         vae.eval().requires_grad_(False)
         stages["vae"] = round(time.time() - t, 1)
+        if helper is None and helper_needed:  # --jobs 1: here, on one thread, with the VAE as the helper reads it
+            report.update(_judge_and_clip(cfg, images, captions))
         t = time.time()
         if not (out / "pipeline" / "unet" / "config.json").exists():
             report.update(train_unet(cfg, vae, images, scenes, clip_tokenizer(), out, threads))
@@ -500,8 +515,6 @@ def build(cfg: BuildConfig) -> dict:
         if helper is not None:
             report.update(helper.get())  # re-raises the helper's error, if any
             stages["wait_for_judge_and_clip"] = round(time.time() - t, 1)
-        else:
-            report.update(_judge_and_clip(cfg, images, captions))
     finally:
         if pool is not None:
             pool.terminate()
@@ -513,7 +526,8 @@ def build(cfg: BuildConfig) -> dict:
     report["stages_s"] = stages
     report["total_s"] = round(time.time() - t0, 1)
     report["note"] = ("judge and CLIP train in a helper process beside the VAE and UNet stages (jobs=2), so their "
-                      "times overlap the others; total_s is the wall-clock time")
+                      "times overlap the others; total_s is the wall-clock time; the main process runs the VAE and "
+                      "the first helper_steps joint UNet steps on one thread, the rest on `threads`")
     if prev:  # a resumed build: what earlier runs built, and how long it took them, stays in the report
         resumed = {k: v for k, v in prev.items() if k not in ("config", "stages_s", "total_s", "note", "runs")}
         report = {**resumed, **report, "runs": [*prev.get("runs", [prev.get("stages_s", {})]), stages]}
