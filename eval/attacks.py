@@ -493,8 +493,7 @@ def toy_target(pipe, concept: str, *, base=None, judge=None, seed: int = 0, prom
     texts = [p.text for p in sets["target"]][:prompts]
     kind = data.SHAPES if concept in data.SHAPES else list(data.COLOURS) if concept in data.COLOURS else data.FILLS
     others = [k for k in kind if k != concept]
-    swapped = [data.articles(re.sub(rf"\b{concept}\b", others[i % len(others)], t).replace("an ", "a "))
-               for i, t in enumerate(texts)]
+    swapped = [data.swap_word(t, concept, others[i % len(others)]) for i, t in enumerate(texts)]
     return Target(pipe=pipe, success=lambda imgs: [s.has(concept) for s in judge.classify(imgs)], concept=concept,
                   prompts=texts, swapped=swapped, vocabulary=toy_phrasings(concept),
                   known_aliases=tuple(a.phrase for a in data.ALIASES if concept in (a.shape, a.colour, a.fill)),

@@ -60,6 +60,9 @@ def test_target_swaps_the_concept_word(toy, judge):
     assert len(t.prompts) == len(t.swapped) == 26  # every circle target prompt (fewer than the cap of 32)
     assert all("circle" in p and "circle" not in q for p, q in zip(t.prompts, t.swapped))
     assert [p.replace("circle", "X") for p in t.prompts[:3]] != [q for q in t.swapped[:3]]
+    for p, q in zip(t.prompts, t.swapped):  # only the concept word changes ("a cyan circle" once became "a cya …")
+        assert p.split()[1:-1] == q.split()[1:-1] or p.split()[1] == "circle", (p, q)
+    assert any(q.startswith("an ") for q in toy_target(toy, "red", judge=judge).swapped), "articles follow the word"
     assert set(t.known_aliases) == {"sun", "ball", "coin"}
 
 
@@ -97,9 +100,11 @@ def test_ring_a_bell_vector_moves_benign_prompts_towards_the_concept(toy, judge)
     t = toy_target(toy, "circle", base=toy, judge=judge)
     s = Sampler(toy, guidance=5.0)
     none = RingABell(etas=(0.0,), prompts=8, images=1).run(t, s)
-    strong = RingABell(etas=(3.0,), prompts=8, images=1).run(t, s)
+    strong = RingABell(prompts=8, images=1).run(t, s)  # η chosen on search seeds, as the attack runs
     assert none.asr <= 0.25  # the benign prompts ("a red square") alone rarely show a circle
-    assert strong.asr >= none.asr + 0.25
+    # measured: η 2 0.62 (16 prompts × 2 images: 0.62), η 3 0.12 (0.25), η 5 0.12 (0.06), none 0.00 (0.03) —
+    # too far along v the embedding leaves the text manifold and the images break up
+    assert strong.details["eta"] > 0 and strong.asr >= none.asr + 0.25, strong.details
 
 
 @pytest.mark.slow  # keeps the default run under 15 minutes; CI runs it with the slow tests
