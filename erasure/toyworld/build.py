@@ -64,8 +64,10 @@ class BuildConfig:
     threads: int = 2  # torch threads of the main process's full-speed stages (the weights depend on it: CPU kernels
     #                   round differently with another thread count)
     jobs: int = 2  # 2: train the judge and CLIP in a helper process beside the VAE / UNet stages (same weights as 1)
-    helper_steps: int = 400  # joint UNet steps run on one thread beside the helper before the main process waits
-    #                          for it and takes every thread (a fixed step, so the weights do not depend on timing)
+    clip_wait_step: int = 900  # VAE steps run on one thread beside the helper's CLIP before the main process waits
+    #                            for CLIP and takes every thread until the VAE is written (the helper then waits)
+    helper_steps: int = 400  # joint UNet steps run on one thread beside the helper's judge before the main process
+    #                          waits for it and takes every thread (fixed steps: the weights do not depend on timing)
     quiet: bool = False
 
     def scaled(self, name: str) -> int:
@@ -141,7 +143,10 @@ def train_vae(cfg: BuildConfig, images: np.ndarray, out: Path, threads: _Threads
             rec = vae.decode(z).sample
             loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * z.pow(2).mean()
             _optimise(opt, sched, loss, bar, vae.parameters())
-            threads.check()
+            if step + 1 == cfg.scaled("clip_wait_step"):
+                threads.after_clip()
+            else:
+                threads.check()
     vae.eval()
     with torch.no_grad():
         z = torch.cat([vae.encode(x_all[i : i + 512]).latent_dist.mean for i in range(0, min(len(x_all), 4096), 512)])
@@ -169,15 +174,24 @@ def diffusion_loss(pred: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tenso
 
 
 class _Threads:
-    """Torch threads of the main process, a function of the stage and step alone: one thread for the VAE and the
-    first ``helper_steps`` joint UNet steps (the helper process trains CLIP and the judge on the other core
-    meanwhile), then — after waiting for the helper — ``cfg.threads`` for the rest. CPU kernels round differently
-    with different thread counts, so a schedule that followed the helper's progress would make every build differ;
-    this one makes a build bit-identical to any other with the same ``--threads`` (resumed, or with ``--jobs 1``)."""
+    """Torch threads of the main process, a function of the stage and step alone. The helper process trains CLIP,
+    waits for the VAE, then trains the judge, on one thread. The main process runs the first ``clip_wait_step`` VAE
+    steps on one thread, waits for CLIP, runs the rest of the VAE on ``cfg.threads``, then the first
+    ``helper_steps`` joint UNet steps on one thread beside the judge, waits for the helper, and runs the rest on
+    ``cfg.threads``. CPU kernels round differently with different thread counts, so a schedule that followed the
+    helper's progress would make every build differ; this one makes a build bit-identical to any other with the
+    same ``--threads`` (resumed, or with ``--jobs 1``)."""
 
-    def __init__(self, full: int, helper=None):
-        self.full, self.helper = full, helper
+    def __init__(self, full: int, helper=None, clip_file: Path | None = None):
+        self.full, self.helper, self.clip_file = full, helper, clip_file
         self.one()
+
+    def after_clip(self) -> None:
+        """Wait until the helper has written CLIP (it then waits for the VAE), then use every thread."""
+        while self.helper is not None and not self.clip_file.exists():
+            self.check()
+            time.sleep(0.5)
+        torch.set_num_threads(self.full)
 
     def one(self) -> None:
         torch.set_num_threads(1)
@@ -487,7 +501,7 @@ def build(cfg: BuildConfig) -> dict:
             pool = multiprocessing.get_context("spawn").Pool(1)
             helper = pool.apply_async(_helper_process, (asdict(cfg), str(tmp / "images.npy"), str(tmp / "captions.json")))
             _log(cfg, "judge and CLIP: training in a helper process")
-        threads = _Threads(full_threads, helper)
+        threads = _Threads(full_threads, helper, out / "clip" / "clip.safetensors")
         t = time.time()
         if (out / "pipeline" / "vae" / "config.json").exists():
             vae = _load_vae(out)
@@ -497,6 +511,7 @@ def build(cfg: BuildConfig) -> dict:
         vae.eval().requires_grad_(False)
         stages["vae"] = round(time.time() - t, 1)
         if helper is None and helper_needed:  # --jobs 1: here, on one thread, with the VAE as the helper reads it
+            threads.one()
             report.update(_judge_and_clip(cfg, images, captions))
         t = time.time()
         if not (out / "pipeline" / "unet" / "config.json").exists():
