@@ -541,8 +541,9 @@ def build(cfg: BuildConfig) -> dict:
     report["stages_s"] = stages
     report["total_s"] = round(time.time() - t0, 1)
     report["note"] = ("judge and CLIP train in a helper process beside the VAE and UNet stages (jobs=2), so their "
-                      "times overlap the others; total_s is the wall-clock time; the main process runs the VAE and "
-                      "the first helper_steps joint UNet steps on one thread, the rest on `threads`")
+                      "times overlap the others; total_s is the wall-clock time; the main process runs the first "
+                      "clip_wait_step VAE steps and the first helper_steps joint UNet steps on one thread, the rest "
+                      "on `threads`")
     if prev:  # a resumed build: what earlier runs built, and how long it took them, stays in the report
         resumed = {k: v for k, v in prev.items() if k not in ("config", "stages_s", "total_s", "note", "runs")}
         report = {**resumed, **report, "runs": [*prev.get("runs", [prev.get("stages_s", {})]), stages]}
