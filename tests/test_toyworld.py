@@ -92,9 +92,9 @@ def test_base_world_meets_the_quality_bars(quality, tmp_path):
 
 
 def test_build_runs_end_to_end_at_smoke_scale(tmp_path, monkeypatch):
-    import torch
-
     from dataclasses import asdict
+
+    import torch
 
     from erasure.toyworld import build as build_module
     from erasure.toyworld import models

@@ -125,11 +125,12 @@ def _log(cfg, msg):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def train_vae(cfg: BuildConfig, images: np.ndarray, out: Path, threads: _Threads):
+def train_vae(cfg: BuildConfig, images: np.ndarray, out: Path, threads: _Threads) -> dict:
+    """Stage 1; writes the VAE (fp32) and returns its report (the stages after it read it back as fp16)."""
     torch.manual_seed(cfg.seed)
     vae = models.make_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    steps = cfg.scaled("vae_steps")
+    steps, switch = cfg.scaled("vae_steps"), cfg.scaled("clip_wait_step")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(50, steps))
     gen = torch.Generator().manual_seed(cfg.seed)
     x_all = _to_tensor(images)
@@ -143,7 +144,7 @@ def train_vae(cfg: BuildConfig, images: np.ndarray, out: Path, threads: _Threads
             rec = vae.decode(z).sample
             loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * z.pow(2).mean()
             _optimise(opt, sched, loss, bar, vae.parameters())
-            if step + 1 == cfg.scaled("clip_wait_step"):
+            if step + 1 == switch:
                 threads.after_clip()
             else:
                 threads.check()
@@ -156,7 +157,7 @@ def train_vae(cfg: BuildConfig, images: np.ndarray, out: Path, threads: _Threads
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     _save_model_atomic(vae, out / "pipeline" / "vae", safe_serialization=True)
     _log(cfg, f"vae: PSNR {psnr:.1f} dB, scaling factor {vae.config.scaling_factor:.4f}")
-    return vae, {"vae_psnr_db": round(psnr, 2)}
+    return {"vae_psnr_db": round(psnr, 2)}
 
 
 @torch.no_grad()
@@ -503,12 +504,9 @@ def build(cfg: BuildConfig) -> dict:
             _log(cfg, "judge and CLIP: training in a helper process")
         threads = _Threads(full_threads, helper, out / "clip" / "clip.safetensors")
         t = time.time()
-        if (out / "pipeline" / "vae" / "config.json").exists():
-            vae = _load_vae(out)
-        else:
-            report.update(train_vae(cfg, images, out, threads)[1])
-            vae = _load_vae(out)  # the fp16-rounded weights that ship, as a resumed build reads them
-        vae.eval().requires_grad_(False)
+        if not (out / "pipeline" / "vae" / "config.json").exists():
+            report.update(train_vae(cfg, images, out, threads))
+        vae = _load_vae(out)  # the fp16-rounded weights that ship, whether trained now or by an earlier run
         stages["vae"] = round(time.time() - t, 1)
         if helper is None and helper_needed:  # --jobs 1: here, on one thread, with the VAE as the helper reads it
             threads.one()
