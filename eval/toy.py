@@ -29,6 +29,18 @@ def _rate(pairs) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in m.compute().items()}
 
 
+def fill_confusion(expected, seen) -> dict:
+    """For each prompted fill, how often the judge read each set of fills: ``{"striped": {"striped": 50,
+    "dotted": 6, "dotted+striped": 3, "nothing": 0}}``. A prompt counts as a fill hit when its fill is among those
+    read, so "dotted+striped" is a hit for both; "no fill": a shape but no fill read; "nothing": neither."""
+    out: dict = {}
+    for p, s in zip(expected, seen):
+        key = "+".join(sorted(s.fills)) if s.fills else ("no fill" if s.shapes else "nothing")
+        row = out.setdefault(p.fill, {})
+        row[key] = row.get(key, 0) + 1
+    return {f: dict(sorted(row.items(), key=lambda kv: -kv[1])) for f, row in sorted(out.items())}
+
+
 def base_quality(pipe, judge, *, images_per_prompt: int = 2, seed: int = 0, steps: int = 25, guidance: float = GUIDANCE,
                  batch_size: int = 128) -> dict:
     """Judge-measured quality of a toy pipeline on every shape × colour × fill, aliases, pairs, held-out pairs."""
@@ -43,6 +55,7 @@ def base_quality(pipe, judge, *, images_per_prompt: int = 2, seed: int = 0, step
             "shape": _rate([(p.shapes[0] in s.shapes, not s.shapes) for p, s in zip(exp, seen)]),
             "colour": _rate([(p.colour in s.colours, not s.shapes) for p, s in zip(exp, seen)]),
             "fill": _rate([(p.fill in s.fills, not s.shapes) for p, s in zip(exp, seen)]),
+            "fill_seen": fill_confusion(exp, seen),
         }
     exp, seen, _ = _judge_set(pipe, judge, sets["alias"], **kw)
     report["alias"] = {"shape": _rate([(p.shapes[0] in s.shapes, not s.shapes) for p, s in zip(exp, seen)])}
