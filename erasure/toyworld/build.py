@@ -2,11 +2,14 @@
 
 Stages (each writes its weights atomically, so an interrupted build resumes at the first missing stage):
 
-1. ``vae``   — AutoencoderKL on data images (L1 + small KL), then the latent scaling factor is measured.
-2. ``unet``  — CLIP text encoder and UNet trained jointly on VAE latents of captioned images (ε-prediction, SD's
-   noise schedule, 10 % caption dropout for classifier-free guidance, EMA); then ``refine``: the UNet alone, with
-   the text encoder frozen and every caption's conditioning computed once; ``--polish-rounds N``: N more rounds of
-   the UNet alone, each a fresh warm-up + cosine schedule, on timesteps t < ``--polish-t-max`` (README, "Base world").
+1. ``vae``   — AutoencoderKL on data images (MSE + L1, a tiny L2 on the latents), then the latent scaling factor is
+   measured.
+2. ``unet``  — with ``--text-pretrain-steps N``, the CLIP text encoder first learns captions contrastively against a
+   small image tower (SD's text encoder is CLIP's); then text encoder (lr ``--text-lr``) and UNet train jointly on
+   VAE latents of captioned images (ε-prediction, SD's noise schedule, 10 % caption dropout for classifier-free
+   guidance, EMA); then ``refine``: the UNet alone, with the text encoder frozen and every caption's conditioning
+   computed once; ``--polish-rounds N``: N more rounds of the UNet alone, each a fresh warm-up + cosine schedule, on
+   timesteps t < ``--polish-t-max`` (README, "Base world").
 3. ``judge`` — the multi-label judge on data images, their VAE reconstructions, and negatives.
 4. ``clip``  — a tiny open_clip CLIP trained contrastively on the captions.
 
@@ -51,6 +54,8 @@ class BuildConfig:
     unet_steps: int = 1600
     unet_batch: int = 128
     unet_lr: float = 1e-3
+    text_lr: float = 1e-3  # the text encoder's lr in the joint stage
+    text_pretrain_steps: int = 0  # > 0: pretrain the text encoder contrastively first (README, "Base world")
     refine_steps: int = 800  # UNet-only steps with the text encoder frozen (stage 2b)
     refine_lr: float = 5e-4
     polish_rounds: int = 0  # UNet-only rounds (stage 2c), each a fresh warm-up + cosine; the fill bar (README)
@@ -218,6 +223,33 @@ def _ema_update(ema, model, decay):
             pe.lerp_(pm, 1 - decay)
 
 
+def pretrain_text_encoder(cfg: BuildConfig, text_encoder, images: np.ndarray, ids: torch.Tensor, pad_id: int) -> dict:
+    """Stage 2a (``--text-pretrain-steps`` > 0): train the pipeline's text encoder contrastively against a small image
+    tower (``models.CaptionImageTower``, discarded after), on its pooled (EOS) output — SD's text encoder is CLIP's.
+    A text encoder trained through the UNet's loss alone keeps "striped" and "dotted" close, and the UNet then draws
+    either for both (README, "Base world"). The encoder is causal, so captions are cut after their longest EOS."""
+    torch.manual_seed(cfg.seed + 5)
+    tower, proj = models.CaptionImageTower(), torch.nn.Linear(models.TEXT_WIDTH, models.TEXT_WIDTH, bias=False)
+    log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+    ids = ids[:, : int((ids != pad_id).sum(1).max()) + 1]
+    params = [*text_encoder.parameters(), *tower.parameters(), *proj.parameters(), log_scale]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    steps = cfg.scaled("text_pretrain_steps")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(100, steps // 10 + 1), steps))
+    x_all = _to_tensor(images)
+    gen = torch.Generator().manual_seed(cfg.seed + 5)
+    with _bar(cfg, steps, "text encoder") as bar:
+        for step in range(steps):
+            idx = torch.randint(len(ids), (256,), generator=gen)
+            f_img = F.normalize(tower(x_all[idx]), dim=-1)
+            f_txt = F.normalize(proj(text_encoder(ids[idx]).pooler_output), dim=-1)
+            loss = contrastive_loss(f_img, f_txt, log_scale.exp().clamp(max=100), ids[idx])
+            _optimise(opt, sched, loss, bar, params)
+            if bar.disable and not cfg.quiet and (step + 1) % 200 == 0:
+                _log(cfg, f"text encoder: step {step + 1}/{steps} loss {loss.item():.4f}")
+    return {"text_pretrain_final_loss": round(loss.item(), 4)}
+
+
 def train_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, tokenizer, out: Path, threads: _Threads):
     from diffusers import StableDiffusionPipeline
 
@@ -230,8 +262,12 @@ def train_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, tokenizer, out
     sf = vae.config.scaling_factor
     ids = tokenizer([s.caption for s in scenes], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    report = {}
+    if cfg.text_pretrain_steps > 0:
+        report.update(pretrain_text_encoder(cfg, text_encoder, images, ids, tokenizer.pad_token_id))
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([{"params": list(unet.parameters()), "lr": cfg.unet_lr},
+                             {"params": list(text_encoder.parameters()), "lr": cfg.text_lr}], weight_decay=0.0)
     steps = cfg.scaled("unet_steps")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(100, steps))
     ema_unet, ema_text = deepcopy(unet).requires_grad_(False), deepcopy(text_encoder).requires_grad_(False)
@@ -268,7 +304,7 @@ def train_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, tokenizer, out
     _save_model_atomic(pipe, out / "pipeline", safe_serialization=True)
     vae.to(torch.float32)
     _log(cfg, f"unet: final loss {loss.item():.4f}")
-    return {"unet_final_loss": round(loss.item(), 4)}
+    return {**report, "unet_final_loss": round(loss.item(), 4)}
 
 
 def refine_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, out: Path, threads: _Threads, *,
@@ -407,6 +443,15 @@ def _save_tensors_atomic(tensors, path: Path):
     tmp.replace(path)
 
 
+def contrastive_loss(f_img: torch.Tensor, f_txt: torch.Tensor, scale, ids: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE on normalised features (B, d); captions repeat inside a batch, so every pair with the
+    same token ids counts as a positive."""
+    logits = scale * f_img @ f_txt.T  # (B, B)
+    same = (ids[:, None, :] == ids[None, :, :]).all(-1).float()
+    target = same / same.sum(1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T))
+
+
 def train_clip(cfg: BuildConfig, images: np.ndarray, captions: list[str], out: Path):
     import open_clip
 
@@ -426,11 +471,7 @@ def train_clip(cfg: BuildConfig, images: np.ndarray, captions: list[str], out: P
             idx = torch.randint(len(ids), (256,), generator=gen)
             img = (x_all[idx].float() / 255 - mean) / std
             f_img, f_txt, scale = model(img, ids[idx])
-            logits = scale * f_img @ f_txt.T  # (B, B)
-            # captions repeat inside a batch: every pair with the same caption counts as a positive
-            same = (ids[idx][:, None, :] == ids[idx][None, :, :]).all(-1).float()
-            target = same / same.sum(1, keepdim=True)
-            loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T))
+            loss = contrastive_loss(f_img, f_txt, scale, ids[idx])
             _optimise(opt, sched, loss, bar)
     (out / "clip").mkdir(parents=True, exist_ok=True)
     _save_tensors_atomic({k: v.half() for k, v in model.state_dict().items()}, out / "clip" / "clip.safetensors")

@@ -73,6 +73,28 @@ def make_text_encoder():
     return CLIPTextModel(cfg)
 
 
+class CaptionImageTower(nn.Module):
+    """A small CNN image tower that pretrains the pipeline's text encoder contrastively (build option
+    ``--text-pretrain-steps``), as SD's text encoder is CLIP's: (N, 3, 32, 32) in [-1, 1] → (N, TEXT_WIDTH). It is
+    used by the build only and does not ship."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        w = width
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
+
+        self.body = nn.Sequential(
+            block(3, w), nn.MaxPool2d(2), block(w, 2 * w), block(2 * w, 2 * w), nn.MaxPool2d(2),
+            block(2 * w, 4 * w), block(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(4 * w, TEXT_WIDTH),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
 def make_scheduler(kind: str = "ddim"):
     from diffusers import DDIMScheduler, DDPMScheduler
 
