@@ -236,12 +236,11 @@ def pretrain_text_encoder(cfg: BuildConfig, text_encoder, images: np.ndarray, id
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     steps = cfg.scaled("text_pretrain_steps")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(100, steps // 10 + 1), steps))
-    x_all = _to_tensor(images)
     gen = torch.Generator().manual_seed(cfg.seed + 5)
     with _bar(cfg, steps, "text encoder") as bar:
         for step in range(steps):
             idx = torch.randint(len(ids), (256,), generator=gen)
-            f_img = F.normalize(tower(x_all[idx]), dim=-1)
+            f_img = F.normalize(tower(_to_tensor(images[idx.numpy()])), dim=-1)  # one batch at a time, as uint8
             f_txt = F.normalize(proj(text_encoder(ids[idx]).pooler_output), dim=-1)
             loss = contrastive_loss(f_img, f_txt, log_scale.exp().clamp(max=100), ids[idx])
             _optimise(opt, sched, loss, bar, params)
@@ -265,9 +264,10 @@ def train_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, tokenizer, out
     report = {}
     if cfg.text_pretrain_steps > 0:
         report.update(pretrain_text_encoder(cfg, text_encoder, images, ids, tokenizer.pad_token_id))
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW([{"params": list(unet.parameters()), "lr": cfg.unet_lr},
-                             {"params": list(text_encoder.parameters()), "lr": cfg.text_lr}], weight_decay=0.0)
+    groups = [{"params": list(unet.parameters()), "lr": cfg.unet_lr},
+              {"params": list(text_encoder.parameters()), "lr": cfg.text_lr}]
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     steps = cfg.scaled("unet_steps")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(100, steps))
     ema_unet, ema_text = deepcopy(unet).requires_grad_(False), deepcopy(text_encoder).requires_grad_(False)

@@ -73,6 +73,22 @@ def make_text_encoder():
     return CLIPTextModel(cfg)
 
 
+def conv_tower(width: int, norm) -> list[nn.Module]:
+    """The toy world's small CNN on 32×32 images: conv-norm-SiLU blocks at 32, 16 and 8 px, average-pooled to
+    ``4 * width`` features. ``norm(channels)`` makes each block's normalisation layer."""
+    w = width
+
+    def block(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), norm(cout), nn.SiLU())
+
+    return [
+        block(3, w), nn.MaxPool2d(2),  # 16×16
+        block(w, 2 * w), block(2 * w, 2 * w), nn.MaxPool2d(2),  # 8×8
+        block(2 * w, 4 * w), block(4 * w, 4 * w),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    ]
+
+
 class CaptionImageTower(nn.Module):
     """A small CNN image tower that pretrains the pipeline's text encoder contrastively (build option
     ``--text-pretrain-steps``), as SD's text encoder is CLIP's: (N, 3, 32, 32) in [-1, 1] → (N, TEXT_WIDTH). It is
@@ -80,16 +96,7 @@ class CaptionImageTower(nn.Module):
 
     def __init__(self, width: int = 32):
         super().__init__()
-        w = width
-
-        def block(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
-
-        self.body = nn.Sequential(
-            block(3, w), nn.MaxPool2d(2), block(w, 2 * w), block(2 * w, 2 * w), nn.MaxPool2d(2),
-            block(2 * w, 4 * w), block(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(4 * w, TEXT_WIDTH),
-        )
+        self.body = nn.Sequential(*conv_tower(width, lambda c: nn.GroupNorm(8, c)), nn.Linear(4 * width, TEXT_WIDTH))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -116,19 +123,9 @@ class Judge(nn.Module):
 
     def __init__(self, n_shapes: int = 8, n_colours: int = 8, n_fills: int = 3, width: int = 24):
         super().__init__()
-        w = width
-
-        def block(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.SiLU())
-
-        self.body = nn.Sequential(
-            block(3, w), nn.MaxPool2d(2),  # 16×16
-            block(w, 2 * w), block(2 * w, 2 * w), nn.MaxPool2d(2),  # 8×8
-            block(2 * w, 4 * w), block(4 * w, 4 * w),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-        self.num_features = 4 * w
-        self.head = nn.Linear(4 * w, n_shapes + n_colours + n_fills)
+        self.body = nn.Sequential(*conv_tower(width, nn.BatchNorm2d))
+        self.num_features = 4 * width
+        self.head = nn.Linear(4 * width, n_shapes + n_colours + n_fills)
         self.splits = (n_shapes, n_colours, n_fills)
 
     @staticmethod
