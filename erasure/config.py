@@ -162,7 +162,7 @@ TOY_DEFAULTS = {
     "esd": {"steps": 200, "lr": 1e-4, "batch_size": 8, "ddim_steps": 25, "variant": "esd-u"},
     "sfd": {"steps": 400, "lr": 5e-5, "lr_fake": 1e-4, "batch_size": 8, "cfg_train_fake": 2.0, "cfg_eval_fake": 2.0,
             "cfg_eval_real": 2.0, "ema_halflife_kimg": 0.5,  # κ 2: SiD-LSG run_sid.sh; EMA: SiD (distils from scratch)
-            "regression_guidance": 5.0,  # the toy world's sampler CFG (erasure.toyworld.models.GUIDANCE)
+            "regression_guidance": 4.0,  # the toy world's sampler CFG (erasure.toyworld.models.GUIDANCE)
             "t_max": 700},  # above it the teacher's x̂₀ is mostly the caption's mean; FID 1.67× → 1.22× (README)
     "spm": {"steps": 200, "lr": 5e-3, "batch_size": 4, "ddim_steps": 12, "anchor_weight": 1.5, "anchor_samples": 4,
             "anchor_source": "captions", "anchor_latents": "own", "pair_fraction": 0.5},  # shapes: + steer swap (concepts)

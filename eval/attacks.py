@@ -448,7 +448,7 @@ ATTACKS: dict[str, type[Attack]] = {a.name: a for a in (AliasSearch, ConceptArit
 
 # smaller budgets for tests and smoke runs; the defaults are the README's measurement
 SMALL_BUDGET = {
-    "alias_search": dict(max_candidates=16, screen_images=1, images=1),
+    "alias_search": dict(max_candidates=16, screen_images=2, images=2),
     "concept_arithmetic": dict(budget=4, search_images=1, images=2, pool_size=8),
     "ring_a_bell": dict(etas=(2.0, 5.0), prompts=4, search_images=1, images=1),
     "unlearndiffatk": dict(tasks=2, iterations=4, check_every=2),

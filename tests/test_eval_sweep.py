@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from erasure.toyworld.models import GUIDANCE
 from eval import sweep
 from eval.toy import toy_reference_images
 
@@ -150,7 +151,7 @@ def test_rows_carry_numbers_versions_thresholds_and_weight_hashes(reference_run)
             assert v >= -1e-3 and r["metric_weights_sha256"] == _sha(JUDGE_PATH) and r["reference"]
         assert r["version_torch"] == torch.__version__ and r["version_diffusers"] and r["version_torchmetrics"]
         assert r["version_open_clip_torch"] and r["version_python"] and r["version_toolkit"]
-        assert r["seed"] == "3" and r["steps"] == "2" and r["guidance"] == "5.0" and r["device"] == "cpu"
+        assert r["seed"] == "3" and r["steps"] == "2" and r["guidance"] == str(GUIDANCE) and r["device"] == "cpu"
         assert r["images"] == "4" and r["prompts"] == "2" and r["images_per_prompt"] == "2"
         assert re.fullmatch(r"[0-9a-f]{64}", r["base_model_sha256"]) and re.fullmatch(r"[0-9a-f]{64}", r["config_sha256"])
         # the images measured are exactly the ones in the folder's manifest

@@ -16,9 +16,9 @@ Stages (each writes its weights atomically, so an interrupted build resumes at t
 The defaults are the committed build's recipe, and the weights depend on the seeds and ``--threads`` alone: the main
 process's thread count follows the stage and step, never the helper process's progress (CPU kernels round
 differently with another thread count), so builds — resumed or not, with ``--jobs 1`` or 2 — make the same
-``.safetensors`` files byte for byte (with the same torch build on the same kind of CPU). The committed weights
-predate this schedule (their build switched threads when the helper finished), so a rebuild makes a world of their
-recipe, not their bits. ``--scale 0.01`` runs a smoke build (tests use it on a temp folder).
+``.safetensors`` files byte for byte (with the same torch build on the same kind of CPU); the committed weights are
+such a build at the defaults (run in three parts: to the UNet refine, then each polish round resumed).
+``--scale 0.01`` runs a smoke build (tests use it on a temp folder).
 """
 
 from __future__ import annotations
@@ -54,14 +54,14 @@ class BuildConfig:
     unet_steps: int = 1600
     unet_batch: int = 128
     unet_lr: float = 1e-3
-    text_lr: float = 1e-3  # the text encoder's lr in the joint stage
-    text_pretrain_steps: int = 0  # > 0: pretrain the text encoder contrastively first (README, "Base world")
+    text_lr: float = 2e-4  # the text encoder's lr in the joint stage (gentle: keeps what pretraining learned)
+    text_pretrain_steps: int = 1500  # > 0: pretrain the text encoder contrastively first (README, "Base world")
     refine_steps: int = 800  # UNet-only steps with the text encoder frozen (stage 2b)
     refine_lr: float = 5e-4
-    polish_rounds: int = 0  # UNet-only rounds (stage 2c), each a fresh warm-up + cosine; the fill bar (README)
+    polish_rounds: int = 2  # UNet-only rounds (stage 2c), each a fresh warm-up + cosine; the fill bar (README)
     polish_steps: int = 1200
     polish_lr: float = 3e-4
-    polish_t_max: int = 1000  # polish rounds train on timesteps [0, polish_t_max); 500: the fill detail (README)
+    polish_t_max: int = 500  # polish rounds train on timesteps [0, polish_t_max), where the fill detail is drawn
     judge_steps: int = 1200
     judge_batch: int = 128
     clip_steps: int = 1000
@@ -71,8 +71,9 @@ class BuildConfig:
     jobs: int = 2  # 2: train the judge and CLIP in a helper process beside the VAE / UNet stages (same weights as 1)
     clip_wait_step: int = 900  # VAE steps run on one thread beside the helper's CLIP before the main process waits
     #                            for CLIP and takes every thread until the VAE is written (the helper then waits)
-    helper_steps: int = 400  # joint UNet steps run on one thread beside the helper's judge before the main process
-    #                          waits for it and takes every thread (fixed steps: the weights do not depend on timing)
+    helper_steps: int = 2  # joint UNet steps run on one thread (after the text-encoder pretraining, which also runs
+    #                        on one thread, beside the helper's judge) before the main process waits for the helper
+    #                        and takes every thread (fixed steps: the weights do not depend on timing)
     quiet: bool = False
 
     def scaled(self, name: str) -> int:
@@ -182,11 +183,11 @@ def diffusion_loss(pred: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tenso
 class _Threads:
     """Torch threads of the main process, a function of the stage and step alone. The helper process trains CLIP,
     waits for the VAE, then trains the judge, on one thread. The main process runs the first ``clip_wait_step`` VAE
-    steps on one thread, waits for CLIP, runs the rest of the VAE on ``cfg.threads``, then the first
-    ``helper_steps`` joint UNet steps on one thread beside the judge, waits for the helper, and runs the rest on
-    ``cfg.threads``. CPU kernels round differently with different thread counts, so a schedule that followed the
-    helper's progress would make every build differ; this one makes a build bit-identical to any other with the
-    same ``--threads`` (resumed, or with ``--jobs 1``)."""
+    steps on one thread, waits for CLIP, runs the rest of the VAE on ``cfg.threads``, then the text-encoder
+    pretraining and the first ``helper_steps`` joint UNet steps on one thread beside the judge, waits for the
+    helper, and runs the rest on ``cfg.threads``. CPU kernels round differently with different thread counts, so a
+    schedule that followed the helper's progress would make every build differ; this one makes a build bit-identical
+    to any other with the same ``--threads`` (resumed, or with ``--jobs 1``)."""
 
     def __init__(self, full: int, helper=None, clip_file: Path | None = None):
         self.full, self.helper, self.clip_file = full, helper, clip_file
