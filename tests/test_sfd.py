@@ -244,3 +244,11 @@ def test_membranes_attach_to_the_one_step_student(sfd_folder, tmp_path):
     assert abs(after.astype(int) - before.astype(int)).max() > 0
     handle.detach()
     assert (generate(pipe, prompts, seed=3) == before).all()
+
+
+def test_toy_regression_guidance_is_the_toy_worlds_cfg():
+    """erasure.config stays free of torch, so it repeats the toy world's CFG scale as a literal: keep them equal."""
+    from erasure.config import TOY_DEFAULTS
+    from erasure.toyworld.models import GUIDANCE
+
+    assert TOY_DEFAULTS["sfd"]["regression_guidance"] == GUIDANCE

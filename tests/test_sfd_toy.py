@@ -42,7 +42,7 @@ def test_student_keeps_the_other_shapes_and_colours(student_report):
 
 @pytest.mark.xfail(strict=True, reason="on the rebuilt toy world the teacher's FID fell from 6.21 to 3.15 and the "
                    "student's from 7.55 to 4.95, so the ratio rose to 1.57× (t < 600: 1.65×, t < 500: 1.60×); SFD "
-                   "is not re-tuned on it yet (README, SFD; issue 3)")
+                   "is not re-tuned on it yet (README, SFD; issues 3 and 6)")
 def test_student_fid_is_within_1_5x_of_the_teacher(student_report):
     """Toy FID against data images drawn for the same prompts (judge features, same sample count). Measured on the
     previous world (1 thread): 7.55 vs 6.21 (1.22×; seed 1 1.31×); with loss timesteps up to 980 instead of the toy
