@@ -6,8 +6,9 @@ import pytest
 
 
 def test_esd_lowers_the_circle_rate_on_its_prompts_and_aliases(circle_reports, esd_circle):
-    """Regression guard on the mechanism (measured with the committed world, toy defaults: target 0.96 → 0.13,
-    aliases 1.00 → 0.17, n = 52 / 12 prompts). The issue's bars are the strict xfail test below."""
+    """Regression guard on the mechanism (measured with the committed world, toy defaults: target 0.96 → 0.10–0.15,
+    aliases 1.00 → 0.08–0.17 by machine and thread count, n = 52 / 12 prompts). The issue's bars are the strict
+    xfail test below."""
     base, erased = circle_reports
     print(json.dumps({"base": base, "esd": erased}))
     assert base["target"]["rate"] >= 0.6 and base["alias"]["rate"] >= 0.6, "the base model draws circles"
