@@ -34,7 +34,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from adapters.artifact import module_fingerprint
 from adapters.errors import UserError
 from erasure.config import option
-from erasure.methods.base import Method, cfg_eps, ddim_steps, run_metadata
+from erasure.methods.base import Method, add_noise, cfg_eps, ddim_steps, run_metadata
 from erasure.toyworld.models import GUIDANCE
 from pipelines.one_step import OneStepPipeline
 from pipelines.text import encode
@@ -163,7 +163,7 @@ class SFD(Method):
     title = "distil a one-step generator that never learns the concept (SFD, Chen et al. 2025)"
     config_class = SFDConfig
     writes_folder = True
-    # the toy world (README, "SFD on the toy world"): κ 2 as SiD-LSG's run_sid.sh; EMA as SiD, which distils from
+    # the toy world (README, "Measured on the toy world"): κ 2 as SiD-LSG's run_sid.sh; EMA as SiD, which distils from
     # scratch; the regression samples at the toy world's sampler CFG; t_max 700:
     # above it the teacher's x̂₀ is mostly the caption's mean
     toy_defaults = {"steps": 400, "lr": 5e-5, "lr_fake": 1e-4, "batch_size": 8, "cfg_train_fake": 2.0,
@@ -189,7 +189,8 @@ class SFD(Method):
         self.fake = deepcopy(self.teacher).train()
         self.G = deepcopy(self.teacher).train()
         self.G_ema = deepcopy(self.G).requires_grad_(False) if config.ema_halflife_kimg > 0 else None
-        self.abar = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.to(self.teacher.device, torch.float32)
+        self.noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.abar = self.noise_schedule.alphas_cumprod.to(self.teacher.device, torch.float32)
         if not 0 <= config.t_min < config.t_max <= len(self.abar) or not 0 <= config.t_init < len(self.abar):
             raise UserError(f"sfd: need 0 ≤ t_min < t_max ≤ {len(self.abar)} and 0 ≤ t_init < {len(self.abar)}")
         remain, forget, override = concept.distillation_prompts(config.prompt_pool, ctx.seed,
@@ -252,8 +253,8 @@ class SFD(Method):
         return out
 
     def _noised(self, x_g, t, eps):
-        a = self.abar[t].view(-1, 1, 1, 1)
-        return a.sqrt() * x_g + (1 - a).sqrt() * eps, a
+        """x_t of x_g at t (B,) with noise ε, and ᾱ_t (B, 1, 1, 1) for x̂₀."""
+        return add_noise(self.noise_schedule, x_g, t, eps), self.abar[t].view(-1, 1, 1, 1)
 
     def _fake_step(self, gen, opt) -> float:
         cfg = self.config
