@@ -1,7 +1,7 @@
 """The training losses, tested by their properties rather than by restating their bodies: each is zero exactly at its
 target, its gradient has the expected sign and size, a hand-computed value on tiny tensors (written out as numbers),
 its reduction (per sample or over the batch), its special cases (η = 0, α = 1) and what it must not differentiate
-through (SalUn's substitute prediction, SiD's normaliser). Tiny tensors only: the file runs in about a second."""
+through (SalUn's substitute prediction, SiD's normaliser). Tiny tensors and stand-in models only, no UNet."""
 
 from types import SimpleNamespace
 
