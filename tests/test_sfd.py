@@ -1,4 +1,5 @@
-"""Score Forgetting Distillation: the equations, the one-step pipeline's folder round trip, the CLI, resume, and
+"""Score Forgetting Distillation (its losses and x̂₀ / one-step formulas: tests/test_losses.py): prompt overrides, the
+teacher's regression samples, the one-step pipeline's folder round trip, the CLI, resume, and
 data-parallel training that follows a 1-process run."""
 
 import json
@@ -13,8 +14,7 @@ import torch
 
 import pipelines
 from erasure.data import override_of
-from erasure.methods.sfd import (fake_score_loss, one_step, regression_loss, sid_generator_loss, teacher_samples,
-                                 x0_from_eps)
+from erasure.methods.sfd import regression_loss, teacher_samples
 from erasure.train import main
 from eval.generate import generate
 from pipelines.one_step import OneStepPipeline
@@ -22,40 +22,7 @@ from pipelines.one_step import OneStepPipeline
 FAST = ["--steps", "3", "--batch-size", "4", "--prompt-pool", "32", "--lr", "1e-4", "--lr-fake", "1e-4", "--quiet"]
 
 
-def test_sid_loss_is_the_papers_equation_and_only_w_is_detached():
-    g = torch.Generator().manual_seed(0)
-    x_g, y_real, y_fake = (torch.randn(3, 4, 8, 8, generator=g, requires_grad=True) for _ in range(3))
-    w = (x_g - y_real).abs().mean(dim=(1, 2, 3), keepdim=True)
-    want = ((y_real - y_fake) * (y_fake - x_g) / w).flatten(1).sum(1)  # α = 1
-    assert torch.allclose(sid_generator_loss(x_g, y_real, y_fake, 1.0), want.detach(), atol=1e-5)
-    a12 = ((y_real - y_fake) * ((y_real - x_g) - 1.2 * (y_real - y_fake)) / w).flatten(1).sum(1)
-    assert torch.allclose(sid_generator_loss(x_g, y_real, y_fake, 1.2), a12.detach(), atol=1e-5)
-    # gradients reach all three inputs (only the normaliser is detached): compare with a detached-w reference
-    loss = sid_generator_loss(x_g, y_real, y_fake, 1.0).sum()
-    ref = ((y_real - y_fake) * (y_fake - x_g) / w.detach()).sum()
-    gl = torch.autograd.grad(loss, [x_g, y_real, y_fake])
-    gr = torch.autograd.grad(ref, [x_g, y_real, y_fake])
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(gl, gr))
-    eps, pred = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    assert torch.allclose(fake_score_loss(pred, eps), ((pred - eps) ** 2).sum(dim=(1, 2, 3)))
-
-
-def test_one_step_generator_formula():
-    abar = torch.linspace(0.99, 0.01, 1000)
-
-    class Eps(torch.nn.Module):  # a "UNet" predicting a constant ε
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(()))
-
-        def forward(self, x, t, cond):
-            return type("Out", (), {"sample": torch.full_like(x, 0.5) + self.w})()
-
-    z = torch.randn(2, 4, 8, 8)
-    a = abar[625]
-    x_g = one_step(Eps(), z, None, abar, 625)
-    assert torch.allclose(x_g, ((1 - a).sqrt() * z - (1 - a).sqrt() * 0.5) / a.sqrt(), atol=1e-6)
-    assert torch.allclose(x0_from_eps(a.sqrt() * x_g + (1 - a).sqrt() * z, z, a), x_g, atol=1e-5)
+def test_override_prompts_replace_the_concept_words():
     assert override_of("a photo of Brad Pitt", "brad pitt", "a middle aged man") == "a photo of a middle aged man"
     assert override_of("nudity", "nude woman", "a woman") == "a woman"
 
@@ -244,4 +211,3 @@ def test_membranes_attach_to_the_one_step_student(sfd_folder, tmp_path):
     assert abs(after.astype(int) - before.astype(int)).max() > 0
     handle.detach()
     assert (generate(pipe, prompts, seed=3) == before).all()
-

@@ -1,4 +1,4 @@
-"""SPM: losses as the paper's equations, the membrane file readable everywhere (ours, plain diffusers, the original
+"""SPM (its losses: tests/test_losses.py): anchor sampling, the membrane file readable everywhere (ours, plain diffusers, the original
 release's format), validation against the base model, and facilitated transport per prompt."""
 
 import json
@@ -11,7 +11,7 @@ from adapters import membrane
 from adapters.artifact import load_artifact, save_artifact
 from adapters.errors import UserError
 from erasure.methods.base import Context
-from erasure.methods.spm import SPM, SPMConfig, anchor_loss, erase_loss, random_anchors
+from erasure.methods.spm import SPM, SPMConfig, random_anchors
 from erasure.train import main
 from pipelines.text import encode
 from pipelines.testing import save_tiny, tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -43,11 +43,8 @@ def _image(pipe, prompt="a dog", seed=0):
     return pipe([prompt], num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(seed)).images
 
 
-def test_losses_are_the_equations():
+def test_random_anchors_have_the_targets_norm_within_20_percent():
     g = torch.Generator().manual_seed(0)
-    s, t, u = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
-    assert torch.allclose(erase_loss(s, t, u, 3.0), ((s - (u - 3.0 * (t - u))) ** 2).mean(dim=(1, 2, 3)))
-    assert torch.allclose(anchor_loss(s, t), ((s - t) ** 2).mean(dim=(1, 2, 3)))
     target = torch.randn(77, 32, generator=g)
     a = random_anchors(target, 64, g)
     ratio = a.flatten(1).norm(dim=1) / target.norm()

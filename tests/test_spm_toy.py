@@ -1,5 +1,5 @@
-"""SPM membranes measured on the toy world (slow: each membrane is trained once at the toy defaults, ≈ 3 min each on
-2 cores, shared by the tests of this file): erasing "circle" removes it from its prompts, its aliases and the
+"""SPM membranes measured on the toy world (slow: each membrane is trained once at the toy defaults, shared by the
+tests of this file; the figures these tests guard are in the README, "Measured on the toy world", SPM membranes): erasing "circle" removes it from its prompts, its aliases and the
 two-object scenes that name it, while, with facilitated transport on, every other prompt keeps its shape and colour;
 three membranes (a shape, a colour, a fill) stacked — what they reach and the issue bars they still miss."""
 
@@ -39,10 +39,8 @@ def test_the_circle_is_erased_from_its_prompts_and_aliases(circle_report):
 
 
 def test_the_circle_leaves_pairs_and_their_other_objects_stay(circle_report):
-    """Measured (4 images per prompt, default seed): the other object is in 50 of the 56 pair images of the base
-    model and in 54 with the membrane — 1.08× (steered to the empty prompt and the other object alone, as before
-    shapes were steered to their substitute: 45, 0.90×); compared as image counts, since the report's rates are
-    rounded to 4 decimals."""
+    """The other object of a two-object prompt stays (≥ 0.9× the base model's count; measured: the README's SPM circle
+    table, its two-object row); compared as image counts, since the report's rates are rounded to 4 decimals."""
     base, erased = (circle_report["concepts"]["circle"][k] for k in ("base", "erased"))
     assert base["pair_target"]["n"] >= 56 and base["pair_other"]["rate"] >= 0.8, base
     assert erased["pair_target"]["rate"] <= 0.10, "the circle leaves the two-object scenes too"
@@ -88,16 +86,16 @@ def stack_report_eos(stack_paths, judge):
 @pytest.fixture(scope="module")
 def stack_report_style(stack_paths, judge):
     """Gated by end-of-text similarity, the striped (style) membrane's γ × 4, as the SPM paper doubles it for art
-    styles (App. C.1): at γ = 1 it fades the stripes too little; at × 3 6 of 48 striped images stayed (0.12), since
-    the circle membrane turns a striped circle into a striped square rather than blanking it."""
+    styles (App. C.1): at γ = 1 it fades the stripes too little, and at × 3 some striped images stay, since the circle
+    membrane turns a striped circle into a striped square rather than blanking it (README, the three-membrane table)."""
     return erasure_report("toy", stack_paths, ["circle", "red", "striped"], judge, images_per_prompt=2,
                           similarity="eos", scales=[1.0, 1.0, 4.0])
 
 
 def test_three_stacked_membranes_erase_the_shape_and_the_colour_and_spare_most_of_the_rest(stack_report):
-    """Measured (flat): circle 0.94 → 0.02, red 0.92 → 0.04; the 90 prompts naming none of the three keep shape
-    0.81×, colour 0.87×, fill 0.91× (circle membrane steered to the empty prompt: 0.88×, 0.87×, 0.91×; gated by the training prompts instead of the concept, each negative row by its
-    own text: 0.80×, 0.84×, 0.90×; with the SPM code's anchors: 0.19×, 0.22×, 0.52×)."""
+    """Under the flat similarity (the SPM code's) the stack erases circle and red, and the prompts naming none of the
+    three keep most of their shape, colour and fill; the measured figures, and those of the alternatives, are in the
+    README's three-membrane table ("Measured on the toy world", SPM membranes)."""
     for concept in ("circle", "red"):
         base, erased = (stack_report["concepts"][concept][k] for k in ("base", "erased"))
         assert base["target"]["rate"] >= 0.9 and erased["target"]["rate"] <= 0.10, (concept, base, erased)
@@ -106,9 +104,9 @@ def test_three_stacked_membranes_erase_the_shape_and_the_colour_and_spare_most_o
 
 
 def test_three_stacked_membranes_gated_by_end_of_text_keep_the_rest(stack_report_eos):
-    """Issue bar for the rest (≥ 0.9×), met under eos gates: measured shape 1.01×, colour 0.99×, fill 1.00×, mean
-    pixel change 0.020 (flat: 0.10); circle 0.94 → 0.02, red 0.92 → 0.08 (the other membranes, now shut for red
-    prompts, no longer help erase it: 0.00 under flat)."""
+    """Issue bar for the rest (≥ 0.9×), met under end-of-text gates, with circle and red still erased (red's bar is
+    looser: the other membranes, shut for red prompts, no longer help erase it); measured: the README's
+    three-membrane table, `--similarity eos` rows."""
     for concept, bar in (("circle", 0.10), ("red", 0.15)):
         base, erased = (stack_report_eos["concepts"][concept][k] for k in ("base", "erased"))
         assert base["target"]["rate"] >= 0.9 and erased["target"]["rate"] <= bar, (concept, base, erased)
@@ -118,9 +116,8 @@ def test_three_stacked_membranes_gated_by_end_of_text_keep_the_rest(stack_report
 
 
 def test_three_stacked_membranes_meet_the_issue_bars(stack_report_style):
-    """Issue bars: all three erased (≤ 0.10), the rest ≥ 0.9×. Measured (1-thread membranes): circle 0.94 → 0.04,
-    red 0.92 → 0.06, striped 0.62 → 0.00; rest 0.98× / 0.98× / 1.01×, pixel change 0.041, toy FID 9.6 → 11.1. At
-    γ × 1 the striped membrane leaves striped at 0.46 (alone: 0.56)."""
+    """Issue bars: all three erased (≤ 0.10), the rest ≥ 0.9×, with the striped (style) membrane's γ × 4; measured:
+    the README's three-membrane table, "eos, striped γ × 4" row, and the paragraph below it."""
     for concept in ("circle", "red", "striped"):
         erased = stack_report_style["concepts"][concept]["erased"]["target"]
         assert erased["rate"] <= 0.10, (concept, erased)
