@@ -159,7 +159,7 @@ def test_text_encoder_pretraining_learns_the_captions():
 
     from erasure.toyworld import data, models
     from erasure.toyworld.build import BuildConfig, pretrain_text_encoder
-    from pipelines.tokenizer import clip_tokenizer
+    from erasure.toyworld.tokenizer import clip_tokenizer
 
     tok = clip_tokenizer()
     images, scenes = data.make_dataset(2000, 0)

@@ -398,7 +398,7 @@ def held_out_pairs_set(n: int, seed: int):
     for k in range(n):
         shape, colour = data.HELD_OUT[k % len(data.HELD_OUT)]
         fill = str(rng.choice(data.FILLS))
-        sc = data.Scene([data._single_obj(shape, colour, fill, rng)], data._background(rng), "")
+        sc = data.Scene([data.single_obj(shape, colour, fill, rng)], data.background(rng), "")
         imgs.append(data.render(sc, rng))
         labels.append(_multi_hot(data.labels_of(sc)))
     return np.stack(imgs), np.stack(labels)
@@ -522,7 +522,7 @@ def _helper_process(cfg_fields: dict, images_path: str, captions_path: str) -> d
 def build(cfg: BuildConfig) -> dict:
     import multiprocessing
 
-    from pipelines.tokenizer import clip_tokenizer
+    from erasure.toyworld.tokenizer import clip_tokenizer
 
     full_threads = cfg.threads or torch.get_num_threads()
     out = Path(cfg.output)
