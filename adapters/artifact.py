@@ -25,10 +25,13 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError, safe_open
 
 from adapters.errors import UserError
 
@@ -42,8 +45,6 @@ _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # raw pickle protocol ≥ 2, or torch.
 
 def package_version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("concept-erasure-toolkit")
     except Exception:  # running from a source tree that was never installed
         return "0+unknown"
@@ -90,8 +91,6 @@ def save_artifact(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], 
 
     ``extra_strings`` are written as top-level header strings beside ours (e.g. the kohya keys other tools read).
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: artifacts are written as .safetensors files only")
@@ -104,7 +103,7 @@ def save_artifact(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], 
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e} — choose a writable --output") from None
-    _write_atomic(path, lambda tmp: save_file(clean, tmp, metadata=header), hint=" — choose a writable --output")
+    _write_atomic(path, lambda tmp: safetensors.torch.save_file(clean, tmp, metadata=header), hint=" — choose a writable --output")
     return path
 
 
@@ -180,8 +179,6 @@ def _decode_metadata(path: Path, raw: Mapping[str, str]) -> dict:
 def load_artifact(path: str | os.PathLike, *, kind: str | None = None, allow_missing_metadata: bool = False) -> Artifact:
     """Load and validate an artifact. ``kind`` requires that kind; files without our metadata are refused unless
     ``allow_missing_metadata`` (then ``metadata`` is empty and the caller validates shapes)."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     _check_container(path)
     try:

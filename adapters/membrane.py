@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters.artifact import fingerprint
+
 TARGET_BLOCK = "Transformer2DModel"  # SPM wraps every Linear / Conv2d inside the UNet's transformer blocks
 
 
@@ -259,6 +261,4 @@ def kohya_to_paths(unet: nn.Module) -> dict[str, str]:
 
 def layers_fingerprint(unet: nn.Module) -> str:
     """Fingerprint of the target layers' base weights (paths and shapes): equal for any UNet a membrane fits."""
-    from adapters.artifact import fingerprint
-
     return fingerprint(((p, tuple(m.weight.shape)) for p, m in target_layers(unet).items()), type(unet).__name__)

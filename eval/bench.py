@@ -27,12 +27,20 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable, Sequence
 
 import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
 
+import pipelines
 from adapters import membrane
+from adapters.artifact import write_text_atomic
+from adapters.errors import UserError
+from erasure.toyworld.models import GUIDANCE
+from pipelines.one_step import OneStepPipeline
+from pipelines.testing import sd1_shaped_pipeline
 
 TARGETS = {"forward_1": 1.05, "forward_8_transport": 1.15, "forward_merged": 1.00, "train_step_vs_peft": 1.2,
            "one_step_vs_teacher_images": 40.0}
@@ -40,11 +48,7 @@ TARGETS = {"forward_1": 1.05, "forward_8_transport": 1.15, "forward_merged": 1.0
 
 def make_unet(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """→ (unet, latent side, text width)."""
-    from diffusers import UNet2DConditionModel
-
     if model == "toy":
-        import pipelines
-
         unet = pipelines.load("toy", dtype=dtype, device=device).unet
     elif model == "sd1":
         torch.manual_seed(0)
@@ -141,7 +145,7 @@ def bench_forward(model: str, device: str, batch: int, rounds: int, iters: int) 
 
 
 def _peft_copy(unet):
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # heavy: peft takes seconds to import; only the LoRA baseline needs it
 
     paths = list(membrane.target_layers(unet))
     lora = copy.deepcopy(unet)
@@ -189,8 +193,6 @@ class _RSSPeak:
     """Highest resident set size seen while the block runs (sampled every millisecond on a thread)."""
 
     def __enter__(self):
-        import threading
-
         self.peak, self._stop = _rss(), threading.Event()
 
         def watch():
@@ -258,9 +260,6 @@ def bench_memory(model: str, device: str, batch: int) -> dict:
 
 
 def _pipeline(model: str, device: str):
-    import pipelines
-    from pipelines.testing import sd1_shaped_pipeline
-
     pipe = pipelines.load("toy") if model == "toy" else sd1_shaped_pipeline()
     return pipe.to(device)
 
@@ -270,11 +269,6 @@ def bench_one_step(model: str, device: str, batch: int, rounds: int, iters: int,
                    size: int | None = None) -> dict:
     """One-step generator vs the teacher's ``steps``-step CFG sampler, side by side (images per second); ``size``:
     the image side in pixels (default: the model's own, 32 toy, 512 sd1)."""
-    from diffusers import DDPMScheduler
-
-    from erasure.toyworld.models import GUIDANCE
-    from pipelines.one_step import OneStepPipeline
-
     pipe = _pipeline(model, device)
     student = OneStepPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
                               scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
@@ -353,9 +347,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
-        from adapters.artifact import write_text_atomic
-        from adapters.errors import UserError
-
         try:
             write_text_atomic(args.output, text + "\n")
         except UserError as e:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import sys
@@ -33,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from adapters.errors import UserError
+from adapters.errors import UserError, user_errors
+from erasure import toyworld
 
 TOY_PREFIX = "toy:"
 SEED_RANGE = (0, 2**63 - 1)  # what torch.Generator.manual_seed takes without wrapping
@@ -200,10 +202,9 @@ def read_lines(path: str | os.PathLike) -> list[PromptRecord]:
 
 def toy_records(name: str, seed: int = 0) -> list[PromptRecord]:
     """``CONCEPT``, ``CONCEPT/GROUP``, ``base`` or ``base/GROUP`` → toy prompt records (with expected contents)."""
-    from erasure.toyworld import base_prompts, prompts
-
     concept, _, group = name.partition("/")
-    sets = base_prompts(seed) if concept == "base" else prompts(concept, seed)
+    with user_errors(toyworld.NotAToyConcept):
+        sets = toyworld.base_prompts(seed) if concept == "base" else toyworld.prompts(concept, seed)
     if group and group not in sets:
         raise UserError(f"toy prompt set '{name}': no group '{group}' (groups: {', '.join(sets)})")
     groups = [group] if group else list(sets)
@@ -272,8 +273,6 @@ def summary(records: Sequence[PromptRecord]) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import json
-
     p = argparse.ArgumentParser(prog="python -m eval.prompts", description=__doc__.split("\n")[0])
     p.add_argument("source", help="an I2P CSV, a COCO caption CSV, a text file (one prompt a line) or toy:CONCEPT")
     p.add_argument("--category", help="I2P: keep rows with this category (e.g. sexual)")

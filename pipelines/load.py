@@ -7,14 +7,23 @@ cached, a broken tokenizer, an unknown option) raises :class:`adapters.errors.Us
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 from pathlib import Path
 
+import diffusers
+import diffusers.utils.logging
 import torch
+import transformers.utils.logging
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from huggingface_hub import snapshot_download
 
 from adapters.errors import UserError
+from erasure.toyworld import paths as toy_paths
+from pipelines.one_step import OneStepPipeline
 
 CLIP_VOCAB_SIZE = 49408
 ATTENTION = ("sdpa", "xformers")
@@ -59,10 +68,10 @@ def load(
     ``model_index.json`` names), with its progress bar off.
     """
     torch_dtype = _resolve_dtype(dtype)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     _check_attention(attention)
     scheduler_cls = _resolve_scheduler(scheduler)
-    pipe = _from_folder(_resolve_folder(model), torch_dtype)
+    pipe = _from_folder(resolve_folder(model), torch_dtype)
     if scheduler_cls is not None:
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     if device is not None:
@@ -86,7 +95,9 @@ def _resolve_dtype(dtype) -> torch.dtype:
     raise UserError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
 
 
-def _resolve_device(device) -> torch.device | None:
+def resolve_device(device) -> torch.device | None:
+    """``None`` | a device name | a ``torch.device`` → a ``torch.device`` (``None`` stays ``None``), or a one-line
+    :class:`UserError` for an unknown device or CUDA asked for where there is none."""
     if device is None:
         return None
     try:
@@ -102,8 +113,6 @@ def _check_attention(attention: str) -> None:
     if attention not in ATTENTION:
         raise UserError(f"unknown attention backend {attention!r}: use one of {', '.join(ATTENTION)}")
     if attention == "xformers":
-        import importlib.util
-
         if importlib.util.find_spec("xformers") is None or not torch.cuda.is_available():
             raise UserError("xformers attention needs CUDA and the `cuda` extra: pip install -e '.[cuda]' "
                             "(or use --attention sdpa)")
@@ -114,8 +123,6 @@ def _resolve_scheduler(name: str | None):
         return None
     if name not in SCHEDULERS:
         raise UserError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
-    import diffusers
-
     return getattr(diffusers, SCHEDULERS[name])
 
 
@@ -123,9 +130,6 @@ def _set_attention(pipe, attention: str) -> None:
     if attention == "xformers":
         pipe.enable_xformers_memory_efficient_attention()
         return
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
     unet = getattr(pipe, "unet", None)
     if isinstance(unet, UNet2DConditionModel):
         unet.set_attn_processor(AttnProcessor2_0())
@@ -135,7 +139,7 @@ def _set_attention(pipe, attention: str) -> None:
 # model → folder
 
 
-def _resolve_folder(model: str | os.PathLike) -> Path:
+def resolve_folder(model: str | os.PathLike) -> Path:
     """``"toy"`` | local folder | cached hub id → a diffusers folder with ``model_index.json``."""
     if str(model) == "toy":
         return _toy_folder()
@@ -148,9 +152,7 @@ def _resolve_folder(model: str | os.PathLike) -> Path:
 
 
 def _toy_folder() -> Path:
-    from erasure.toyworld import paths  # lazily: `pipelines` must not import `erasure` at module level
-
-    folder = Path(paths.PIPELINE_DIR)
+    folder = Path(toy_paths.PIPELINE_DIR)
     if not (folder / "model_index.json").is_file():
         raise UserError(f"the toy-world weights are missing ({folder}): rebuild them with python -m erasure.toyworld.build")
     return folder
@@ -165,8 +167,6 @@ def _check_folder(path: Path) -> Path:
 
 
 def _cached_snapshot(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
     try:
         folder = Path(snapshot_download(repo_id, local_files_only=True))
     except (OSError, ValueError):  # LocalEntryNotFoundError is an OSError; a malformed id a ValueError
@@ -184,15 +184,11 @@ def _cached_snapshot(repo_id: str) -> Path:
 
 
 def _pipeline_class(folder: Path):
-    import diffusers
-
     try:
         name = json.loads((folder / "model_index.json").read_text())["_class_name"]
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{folder / 'model_index.json'} is unreadable or has no _class_name") from None
     if name == "OneStepPipeline":  # the toolkit's own one-step generator (SFD)
-        from pipelines.one_step import OneStepPipeline
-
         return OneStepPipeline
     return getattr(diffusers, name) if name in _SD_CLASSES else diffusers.DiffusionPipeline
 
@@ -224,8 +220,8 @@ def _check_tokenizers(pipe, folder: Path) -> None:
 
 def quiet_loading() -> None:
     """No diffusers / transformers loading bars (the command lines' ``--quiet``): stderr keeps only what matters."""
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+
+
+_resolve_device, _resolve_folder = resolve_device, resolve_folder  # the old private names, until eval/sweep.py switches

@@ -11,8 +11,11 @@ from __future__ import annotations
 import os
 
 import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from pipelines.tokenizer import clip_tokenizer
+from erasure.toyworld.tokenizer import clip_tokenizer
 
 SD_KINDS = ("sd1", "sd2")
 TEXT_WIDTH = 32  # hidden size of every tiny CLIP text encoder
@@ -20,8 +23,6 @@ TEXT_WIDTH = 32  # hidden size of every tiny CLIP text encoder
 
 def _unet_sd(kind: str):
     """SD 1.x / 2.x UNet layout (4 down blocks, 3 with cross-attention, layers_per_block=2) at tiny widths."""
-    from diffusers import UNet2DConditionModel
-
     sd2 = kind == "sd2"
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -42,8 +43,6 @@ def _unet_sd(kind: str):
 
 def _unet_sdxl():
     """SDXL UNet layout (DownBlock2D + 2 cross-attention blocks, text_time added embeddings) at tiny widths."""
-    from diffusers import UNet2DConditionModel
-
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -67,8 +66,6 @@ def _unet_sdxl():
 
 def _vae(scaling_factor: float):
     """4-block AutoencoderKL: 8× spatial down-sampling like SD's (64×64 images ↔ 8×8×4 latents)."""
-    from diffusers import AutoencoderKL
-
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -86,8 +83,6 @@ def _vae(scaling_factor: float):
 
 def _text_encoder(with_projection: bool = False, hidden_act: str = "quick_gelu"):
     """A 2-layer CLIP text encoder with SD's vocabulary (49408), 77 positions and eos = pad = 49407."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     config = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=TEXT_WIDTH,
@@ -106,8 +101,6 @@ def _text_encoder(with_projection: bool = False, hidden_act: str = "quick_gelu")
 
 
 def _scheduler(prediction_type: str = "epsilon"):
-    from diffusers import DDIMScheduler
-
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -125,8 +118,6 @@ def tiny_sd_pipeline(kind: str = "sd1", seed: int = 0):
     ``kind="sd2"`` adds SD 2.x's traits: linear ``proj_in``/``proj_out``, per-block head counts, a GELU text
     encoder and a v-prediction scheduler. ``seed`` seeds the random weights.
     """
-    from diffusers import StableDiffusionPipeline
-
     if kind not in SD_KINDS:
         raise ValueError(f"kind must be one of {SD_KINDS}, not {kind!r}")
     sd2 = kind == "sd2"
@@ -148,8 +139,6 @@ def tiny_sd_pipeline(kind: str = "sd1", seed: int = 0):
 def tiny_sdxl_pipeline(seed: int = 0):
     """A tiny random ``StableDiffusionXLPipeline``: two text encoders (the second with a projection), two tokenizers
     and an SDXL-layout UNet with ``text_time`` added embeddings. ``seed`` seeds the random weights."""
-    from diffusers import StableDiffusionXLPipeline
-
     torch.manual_seed(seed)
     pipe = StableDiffusionXLPipeline(
         vae=_vae(scaling_factor=0.13025),
@@ -173,9 +162,6 @@ def save_tiny(pipe, folder: str | os.PathLike) -> None:
 def sd1_shaped_pipeline(seed: int = 0):
     """A full-size, randomly initialised ``StableDiffusionPipeline`` with SD 1.x's architecture (860 M UNet, 83 M
     VAE, 123 M CLIP ViT-L/14 text encoder; 512×512 images, 64×64×4 latents): for speed and memory measurements only."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.manual_seed(seed)
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,

@@ -109,13 +109,12 @@ def test_build_runs_end_to_end_at_smoke_scale(tmp_path, monkeypatch):
 
     import torch
 
-    from erasure.toyworld import build as build_module
-    from erasure.toyworld import models
+    from erasure.toyworld import models, stages
     from erasure.toyworld.build import BuildConfig, build
 
     seen = []  # ᾱ_t of every training batch, in order; the polish rounds' batches come last
-    loss = build_module.diffusion_loss
-    monkeypatch.setattr(build_module, "diffusion_loss", lambda p, e, a: seen.append(a.clone()) or loss(p, e, a))
+    loss = stages.diffusion_loss
+    monkeypatch.setattr(stages, "diffusion_loss", lambda p, e, a: seen.append(a.clone()) or loss(p, e, a))
     cfg = BuildConfig(output=str(tmp_path), scale=0.002, polish_rounds=2, polish_t_max=300, text_pretrain_steps=1000,
                       quiet=True)
     report = build(cfg)
@@ -159,7 +158,7 @@ def test_text_encoder_pretraining_learns_the_captions():
 
     from erasure.toyworld import data, models
     from erasure.toyworld.build import BuildConfig, pretrain_text_encoder
-    from pipelines.tokenizer import clip_tokenizer
+    from erasure.toyworld.tokenizer import clip_tokenizer
 
     tok = clip_tokenizer()
     images, scenes = data.make_dataset(2000, 0)

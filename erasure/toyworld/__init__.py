@@ -7,6 +7,10 @@ Public API::
     sets = erasure.toyworld.prompts("circle")    # evaluation prompts: target, alias, other, pair
 
 See ``data.py`` for the world itself and ``build.py`` for how the committed weights are made.
+
+The toy world is the project's bottom layer: it imports nothing of the project outside ``erasure.toyworld``, and it
+raises built-in exceptions (``FileNotFoundError`` for missing weights, :class:`NotAToyConcept`, a ``ValueError``, for
+an unknown concept); the callers that pass user input turn them into ``adapters.errors.UserError``.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from erasure.toyworld import data
+from erasure.toyworld.data import NotAToyConcept
 from erasure.toyworld.paths import CLIP_PATH, JUDGE_PATH, PIPELINE_DIR, WEIGHTS_DIR
 
-__all__ = ["load_judge", "load_clip", "prompts", "base_prompts", "ToyJudge", "ToyPrompt", "Seen", "PIPELINE_DIR", "WEIGHTS_DIR"]
+__all__ = ["load_judge", "load_clip", "prompts", "base_prompts", "ToyJudge", "ToyPrompt", "Seen", "NotAToyConcept",
+           "PIPELINE_DIR", "WEIGHTS_DIR"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ class ToyJudge:
     @property
     def features(self):
         """FID feature extractor (uint8 NCHW → (N, d)) for ``torchmetrics FrechetInceptionDistance(feature=...)``."""
-        from erasure.toyworld.models import JudgeFeatures
+        from erasure.toyworld.models import JudgeFeatures  # heavy: models imports diffusers and transformers
 
         return JudgeFeatures(self.model)
 
@@ -87,18 +94,14 @@ class ToyJudge:
 
 
 def _load_state(path, what: str):
-    from safetensors.torch import load_file
-
-    from adapters.errors import UserError
-
     path = Path(path)
     if not path.exists():
-        raise UserError(f"toy-world {what} weights are missing ({path}); rebuild them with python -m erasure.toyworld.build")
+        raise FileNotFoundError(f"toy-world {what} weights are missing ({path}); rebuild them with python -m erasure.toyworld.build")
     return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
 def load_judge(path=None, threshold: float = 0.5) -> ToyJudge:
-    from erasure.toyworld.models import Judge
+    from erasure.toyworld.models import Judge  # heavy: models imports diffusers and transformers
 
     judge = Judge()
     judge.load_state_dict(_load_state(path or JUDGE_PATH, "judge"))
@@ -107,9 +110,9 @@ def load_judge(path=None, threshold: float = 0.5) -> ToyJudge:
 
 def load_clip(path=None):
     """The toy open_clip CLIP (eval mode), with its tokenizer: ``(model, tokenize)``."""
-    import open_clip
+    import open_clip  # heavy: ~3 s to import
 
-    from erasure.toyworld.models import CLIP_CONTEXT, make_clip
+    from erasure.toyworld.models import CLIP_CONTEXT, make_clip  # heavy: models imports diffusers and transformers
 
     model = make_clip()
     model.load_state_dict(_load_state(path or CLIP_PATH, "CLIP"))
@@ -175,9 +178,9 @@ def prompts(concept: str, seed: int = 0) -> dict[str, list[ToyPrompt]]:
     - ``alias``: prompts that imply it without naming it;
     - ``other``: prompts of the other concepts of the same kind (must keep working);
     - ``pair``: two-object prompts with the concept and another shape (shapes only).
-    """
-    from adapters.errors import UserError
 
+    Raises :class:`NotAToyConcept` (a ``ValueError``) for anything else.
+    """
     rng = np.random.default_rng(seed)
     if concept in data.SHAPES:
         target = [_single(concept, c, f) for c in data.COLOURS for f in (None, *data.FILLS) if f or c in ("red", "blue")]
@@ -194,5 +197,5 @@ def prompts(concept: str, seed: int = 0) -> dict[str, list[ToyPrompt]]:
         other = [_single(s, c, f) for f in data.FILLS if f != concept for s in data.SHAPES for c in rng.choice(list(data.COLOURS), 2, replace=False) if (s, c) not in data.HELD_OUT]
         return {"target": target, "alias": _alias_prompts([a for a in data.ALIASES if a.fill == concept], rng),
                 "other": other, "pair": []}
-    raise UserError(f"'{concept}' is not a toy concept (shapes: {', '.join(data.SHAPES)}; colours: "
+    raise NotAToyConcept(f"'{concept}' is not a toy concept (shapes: {', '.join(data.SHAPES)}; colours: "
                     f"{', '.join(data.COLOURS)}; fills: {', '.join(data.FILLS)})")

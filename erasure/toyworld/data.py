@@ -18,6 +18,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
+
+class NotAToyConcept(ValueError):
+    """A name that is no toy shape, colour or fill (callers that pass user input turn it into a ``UserError``)."""
+
+
 SIZE = 32  # image side in pixels
 _SS = 4  # supersampling factor
 _HI = SIZE * _SS
@@ -248,16 +253,19 @@ def _random_colour(shape: str, rng: np.random.Generator, held_out_ok: bool = Fal
             return c
 
 
-def _background(rng: np.random.Generator):
+def background(rng: np.random.Generator):
     return BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
 
 
-def _single_obj(shape, colour, fill, rng) -> Obj:
+def single_obj(shape, colour, fill, rng) -> Obj:
     """A large object near the centre (radius 10–12.5 px, centre within ±2 px): the toy world spends its capacity on
     what an object is, not where it is."""
     r = rng.uniform(10.0, 12.5)
     cx, cy = SIZE / 2 + rng.uniform(-2.0, 2.0, size=2)
     return Obj(shape, colour, fill, float(cx), float(cy), float(r))
+
+
+_background, _single_obj = background, single_obj  # the old private names, until eval/toy.py uses the public ones
 
 
 def sample_single(rng: np.random.Generator) -> Scene:
@@ -267,7 +275,7 @@ def sample_single(rng: np.random.Generator) -> Scene:
     fill = str(rng.choice(FILLS))
     name_c, name_f = rng.random() < 0.8, rng.random() < 0.7
     cap = single_caption(shape, colour if name_c else None, fill if name_f else None, rng)
-    return Scene([_single_obj(shape, colour, fill, rng)], _background(rng), cap, "single")
+    return Scene([single_obj(shape, colour, fill, rng)], background(rng), cap, "single")
 
 
 def sample_alias(rng: np.random.Generator) -> Scene:
@@ -278,7 +286,7 @@ def sample_alias(rng: np.random.Generator) -> Scene:
     name_c = a.colour is None and rng.random() < 0.6
     name_f = a.fill is None and rng.random() < 0.3
     cap = single_caption(a.phrase, colour if name_c else None, fill if name_f else None, rng)
-    return Scene([_single_obj(a.shape, colour, fill, rng)], _background(rng), cap, "alias", {"alias": a.phrase})
+    return Scene([single_obj(a.shape, colour, fill, rng)], background(rng), cap, "alias", {"alias": a.phrase})
 
 
 def pair_objects(s1, c1, f1, s2, c2, f2, rng) -> list[Obj]:
@@ -306,7 +314,7 @@ def sample_pair(rng: np.random.Generator) -> Scene:
     f1, f2 = (str(f) for f in rng.choice(FILLS, size=2))
     name_f = rng.random() < 0.5
     cap = pair_caption(s1, c1, f1 if name_f else None, s2, c2, f2 if name_f else None)
-    return Scene(pair_objects(s1, c1, f1, s2, c2, f2, rng), _background(rng), cap, "pair")
+    return Scene(pair_objects(s1, c1, f1, s2, c2, f2, rng), background(rng), cap, "pair")
 
 
 def sample_scene(rng: np.random.Generator) -> Scene:
@@ -339,14 +347,14 @@ def sample_concept(concept: str, rng: np.random.Generator, substitute: str | Non
         colour, fill = _random_colour(shape, rng), concept
         name_c, name_f = rng.random() < 0.8, True
     else:
-        raise ValueError(f"not a toy concept: {concept!r}")
+        raise NotAToyConcept(f"not a toy concept: {concept!r}")
     words = {"shape": shape, "colour": colour if name_c else None, "fill": fill if name_f else None}
     template = rng.choice([t for t, c, f in _SINGLE_TEMPLATES if c == name_c and f == name_f])
     caption = articles(template.format(**words))
     swapped = None
     if substitute is not None:
         swapped = articles(template.format(**{k: substitute if v == concept else v for k, v in words.items()}))
-    return Scene([_single_obj(shape, colour, fill, rng)], _background(rng), caption, "single"), swapped
+    return Scene([single_obj(shape, colour, fill, rng)], background(rng), caption, "single"), swapped
 
 
 def captions_without(concept: str, n: int, rng: np.random.Generator) -> list[str]:
@@ -430,7 +438,7 @@ def sample_negative(rng: np.random.Generator) -> tuple[np.ndarray, dict]:
         img = Image.fromarray(small).resize((SIZE, SIZE), Image.BICUBIC)
         return np.asarray(img), {}
     canvas = np.empty((_HI, _HI, 3), float)
-    canvas[:] = _background(rng)
+    canvas[:] = background(rng)
     if kind == "blank":
         return _downsample(canvas), {}
     mask = {"blob": _blob_mask, "partial": _partial_mask, "distorted": _distorted_mask}[str(kind)](rng)

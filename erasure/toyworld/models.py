@@ -7,8 +7,14 @@ toy model is the one that runs on Stable Diffusion.
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
 
 IMAGE_SIZE = 32  # pixels
 LATENT_SIZE = 8  # the VAE downsamples 4×: 32×32×3 → 8×8×4
@@ -24,8 +30,6 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, be
 
 
 def make_vae():
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -40,8 +44,6 @@ def make_vae():
 
 
 def make_unet():
-    from diffusers import UNet2DConditionModel
-
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE,
         in_channels=4,
@@ -57,8 +59,6 @@ def make_unet():
 
 
 def make_text_encoder():
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     cfg = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=TEXT_WIDTH,
@@ -103,8 +103,6 @@ class CaptionImageTower(nn.Module):
 
 
 def make_scheduler(kind: str = "ddim"):
-    from diffusers import DDIMScheduler, DDPMScheduler
-
     if kind == "ddpm":
         return DDPMScheduler(**SCHEDULE, clip_sample=False)
     return DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -168,11 +166,7 @@ CLIP_CONFIG = {
 
 def make_clip():
     """A tiny open_clip CLIP (random init); register its config with open_clip on first use."""
-    import json
-    import os
-    import tempfile
-
-    import open_clip
+    import open_clip  # heavy: ~3 s to import, and only the toy CLIP needs it
 
     if CLIP_NAME not in open_clip.list_models():  # the model name is the config file's stem
         path = os.path.join(tempfile.mkdtemp(prefix="toy-clip-"), f"{CLIP_NAME}.json")

@@ -13,12 +13,14 @@ import os
 import tempfile
 from pathlib import Path
 
+from transformers import CLIPTokenizer
+
 VOCAB_SIZE = 49408
 MAX_LENGTH = 77
 
 
 def _write_bpe_files(folder: Path) -> tuple[Path, Path]:
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe  # heavy: importing open_clip takes ~3 s
 
     merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     merges = [tuple(m.split()) for m in merges]
@@ -44,8 +46,6 @@ def clip_tokenizer(cache_dir: str | os.PathLike | None = None):
 
     The vocabulary files are written once to ``cache_dir`` (default: ``~/.cache/concept-erasure/clip-bpe``).
     """
-    from transformers import CLIPTokenizer
-
     folder = Path(cache_dir or Path.home() / ".cache" / "concept-erasure" / "clip-bpe")
     vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
     if not (vocab_path.exists() and merges_path.exists()):
