@@ -356,9 +356,9 @@ def test_disk_full_on_write(cli, place, disk_full, monkeypatch, capsys):
     """→ one line naming the full disk; no file under its final name, no temp sibling (folders made before the
     first write may stay)."""
     if cli == "train":  # no training: the artifact of 0 steps is written (and fails)
-        import erasure.methods.base
+        import erasure.engine
 
-        monkeypatch.setattr(erasure.methods.base, "fit", lambda method, **kw: [])
+        monkeypatch.setattr(erasure.engine, "fit", lambda method, **kw: [])
     _refused(cli, _output_argv(cli, place, place / "out" / "o"), place, capsys, "No space left on device",
              folders_ok=True)
 

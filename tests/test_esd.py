@@ -6,9 +6,11 @@ import torch
 import pipelines
 from adapters.artifact import load_artifact
 from erasure import concepts
-from erasure.config import ESDConfig, TrainConfig
-from erasure.methods.base import fit
-from erasure.methods.esd import ESD, esd_loss, select_parameters
+from accelerate import Accelerator
+
+from erasure.engine import fit
+from erasure.methods.base import Context
+from erasure.methods.esd import ESD, ESDConfig, esd_loss, select_parameters
 from pipelines.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 
@@ -34,31 +36,22 @@ def test_variants_select_the_papers_parameters():
     assert len(select_parameters(unet, "full")) == len(list(unet.parameters()))
 
 
-class _Acc:
-    """Minimal stand-in for accelerate.Accelerator (fp32 on CPU)."""
-
-    def autocast(self):
-        return torch.autocast("cpu", enabled=False)
-
-    def backward(self, loss):
-        loss.backward()
-
-
 @pytest.mark.parametrize("variant", ["esd-x", "esd-u"])
 def test_training_changes_only_the_selected_weights_and_the_delta_reproduces_them(tmp_path, variant):
     pipe = tiny_sd_pipeline("sd1")
     before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
     concept = concepts.resolve("a cartoon dog", "tiny")
     cfg = ESDConfig(variant=variant, steps=3, lr=1e-3, batch_size=2, ddim_steps=4)
-    method = ESD(pipe, concept, cfg, TrainConfig())
-    history = fit(method, steps=3, lr=1e-3, output=tmp_path / "a.safetensors", seed=0, accelerator=_Acc(), quiet=True)
+    method = ESD(pipe, concept, cfg, Context())
+    history = fit(method, steps=3, output=tmp_path / "a.safetensors", seed=0, accelerator=Accelerator(cpu=True),
+                  quiet=True)
     assert len(history) == 3 and all(h > 0 for h in history)
     selected = set(select_parameters(pipe.unet, variant))
     changed = {n for n, p in pipe.unet.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= selected
     from adapters.artifact import save_artifact
 
-    path = save_artifact(tmp_path / "a.safetensors", method.delta(), method.metadata("tiny"))
+    path = save_artifact(tmp_path / "a.safetensors", *method.artifact("tiny")[:2])
     art = load_artifact(path)
     assert art.kind == "weight_delta" and art.metadata["method"] == "esd"
     assert art.metadata["config"]["variant"] == variant and art.metadata["prompts"] == ["a cartoon dog"]
@@ -76,8 +69,8 @@ def test_artifact_for_another_base_model_is_refused(tmp_path):
     from adapters.errors import UserError
 
     pipe = tiny_sd_pipeline("sd1")
-    method = ESD(pipe, concepts.resolve("a cartoon dog", "tiny"), ESDConfig(steps=1), TrainConfig())
-    path = save_artifact(tmp_path / "a.safetensors", method.delta(), method.metadata("tiny"))
+    method = ESD(pipe, concepts.resolve("a cartoon dog", "tiny"), ESDConfig(steps=1), Context())
+    path = save_artifact(tmp_path / "a.safetensors", *method.artifact("tiny")[:2])
     other = tiny_sdxl_pipeline()  # other cross-attention widths
     before = {n: p.clone() for n, p in other.unet.named_parameters()}
     with pytest.raises(UserError, match="another base model"):

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import pipelines
-from erasure.methods.sfd import (fake_score_loss, one_step, override_of, regression_loss, sid_generator_loss,
-                                 teacher_samples, x0_from_eps)
+from erasure.data import override_of
+from erasure.methods.sfd import (fake_score_loss, one_step, regression_loss, sid_generator_loss, teacher_samples,
+                                 x0_from_eps)
 from erasure.train import main
 from eval.generate import generate
 from pipelines.one_step import OneStepPipeline
@@ -91,7 +92,7 @@ def test_fake_steps_update_the_fake_score_that_many_times_per_iteration(tmp_path
     for name in ("_fake_step", "_generator_step"):
         original = getattr(sfd_module.SFD, name)
         monkeypatch.setattr(sfd_module.SFD, name,
-                            lambda self, gen, _f=original, _n=name: calls.append(_n) or _f(self, gen))
+                            lambda self, *a, _f=original, _n=name: calls.append(_n) or _f(self, *a))
     out = tmp_path / "fs"
     assert main(["--concept", "circle", "--method", "sfd", "--output", str(out), *FAST, "--steps", "2", "--fake-steps", "3"]) == 0
     assert calls == (["_fake_step"] * 3 + ["_generator_step"]) * 2
@@ -136,8 +137,7 @@ def test_generator_ema_follows_the_sid_half_life():
     """β = 0.5^(batch / half-life); with ramp-up the half-life is at most ratio × images seen; off → no EMA."""
     from types import SimpleNamespace
 
-    from erasure.config import SFDConfig
-    from erasure.methods.sfd import SFD
+    from erasure.methods.sfd import SFD, SFDConfig
 
     def ema_after_one_step(**cfg):
         G, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
@@ -165,11 +165,11 @@ def test_resume_continues_bit_identically(tmp_path, ema):
     calls = {"n": 0}
     original = sfd_module.SFD._generator_step
 
-    def stop_after_two(self, gen):
+    def stop_after_two(self, *args):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return original(self, gen)
+        return original(self, *args)
 
     sfd_module.SFD._generator_step = stop_after_two
     try:
@@ -245,10 +245,3 @@ def test_membranes_attach_to_the_one_step_student(sfd_folder, tmp_path):
     handle.detach()
     assert (generate(pipe, prompts, seed=3) == before).all()
 
-
-def test_toy_regression_guidance_is_the_toy_worlds_cfg():
-    """erasure.config stays free of torch, so it repeats the toy world's CFG scale as a literal: keep them equal."""
-    from erasure.config import TOY_DEFAULTS
-    from erasure.toyworld.models import GUIDANCE
-
-    assert TOY_DEFAULTS["sfd"]["regression_guidance"] == GUIDANCE

@@ -10,8 +10,8 @@ import pipelines
 from adapters import membrane
 from adapters.artifact import load_artifact, save_artifact
 from adapters.errors import UserError
-from erasure.config import SPMConfig, TrainConfig
-from erasure.methods.spm import SPM, anchor_loss, erase_loss, random_anchors
+from erasure.methods.base import Context
+from erasure.methods.spm import SPM, SPMConfig, anchor_loss, erase_loss, random_anchors
 from erasure.train import main
 from pipelines.text import encode
 from pipelines.testing import save_tiny, tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -226,16 +226,15 @@ def test_caption_anchors_and_pairs_never_show_the_concept():
     """The toy anchors are captions of scenes without the concept; each pair names it once and is steered to its
     other object alone."""
     from erasure.concepts import resolve
-    from erasure.methods.spm import anchor_captions, pair_prompts
 
     circle = resolve("circle")
-    anchors = anchor_captions(circle, seed=0, n=200)
+    anchors = circle.anchor_captions(seed=0, n=200)
     assert len(anchors) == 200 and not any("circle" in a for a in anchors)
     assert any(" and " in a for a in anchors) and any("striped" in a for a in anchors), "pairs and fills are covered"
-    for pair, other in pair_prompts(circle, seed=0, n=50):
+    for pair, other in circle.scene_pairs(50, seed=0):
         assert " and " in pair and pair.count("circle") == 1 and "circle" not in other
         assert all(word in pair for word in other.split()[1:]), (pair, other)
-    swapped = pair_prompts(circle, seed=0, n=5, swap=True)
+    swapped = circle.scene_pairs(5, seed=0, swap=True)
     assert all("circle" not in s and "square" in s for _, s in swapped)
 
 
@@ -243,9 +242,12 @@ def test_steer_swap_pairs_each_prompt_with_its_substitute_word():
     """--steer swap: each of the concept's prompts is steered to itself with the substitute's word, row by row (a red
     circle → a red square; red → orange; striped → solid), and the articles follow the new word."""
     from erasure.concepts import resolve
-    from erasure.methods.spm import swap_word
 
     circle, red, striped = (resolve(c) for c in ("circle", "red", "striped"))
+
+    def swap_word(concept, prompts):
+        return concept.swap(prompts, concept.substitute, "the substitute")
+
     assert swap_word(circle, ["a circle", "a red circle", "a striped circle"]) == ["a square", "a red square",
                                                                                     "a striped square"]
     assert swap_word(red, ["a red square", "a red circle and a blue star"]) == ["an orange square",
@@ -253,9 +255,8 @@ def test_steer_swap_pairs_each_prompt_with_its_substitute_word():
     assert swap_word(striped, ["a striped heart"]) == ["a solid heart"]
     assert swap_word(resolve("orange"), ["an orange circle"]) == ["a red circle"], "the article follows the new word"
     pipe = pipelines.load("toy")
-    run = TrainConfig(concept="circle", method="spm")
-    swap = SPM(pipe, circle, SPMConfig(steer="swap"), run)
-    plain = SPM(pipelines.load("toy"), circle, SPMConfig(), run)
+    swap = SPM(pipe, circle, SPMConfig(steer="swap"), Context())
+    plain = SPM(pipelines.load("toy"), circle, SPMConfig(), Context())
     assert swap.surrogate.shape == swap.targets.shape == plain.surrogate.shape
     assert torch.equal(swap.surrogate[1], encode(pipe, ["a red square"])[0])
     assert torch.equal(plain.surrogate[1], encode(pipe, [""])[0]), "the default: SPM's empty surrogate, every row"
@@ -283,7 +284,7 @@ def test_cross_kv_membrane_wraps_only_the_text_projections_and_loads(tmp_path):
 
 
 def test_lr_schedules():
-    from erasure.methods.base import lr_factor
+    from erasure.engine import lr_factor
 
     assert [lr_factor("constant", s, 10) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
     cos = [lr_factor("cosine", s, 100) for s in range(100)]

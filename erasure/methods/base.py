@@ -1,26 +1,46 @@
-"""What every fine-tuning erasure method shares: parameter selection, the frozen reference, partial sampling,
-the training loop (accelerate, progress, resumable checkpoints), and the weight-delta artifact.
+"""The Method protocol every erasure method implements, and what the methods share: sampling helpers, the frozen
+reference, parameter selection and the weight-delta artifact.
 
-A method subclasses :class:`FineTuneMethod` and provides ``trainable_names()`` and ``loss(gen)``.
+A method is one class in one file (plus one line in :data:`erasure.methods.METHODS`)::
+
+    class MyMethod(Method):
+        name = "mine"                      # --method mine
+        config_class = MyConfig            # a dataclass; its fields become --options, its defaults the paper's
+        toy_defaults = {"steps": 200}      # what the toy world trains with (only where the user set nothing)
+
+        def __init__(self, pipe, concept, config, ctx): ...     # build tensors; write no files
+        def loss(self, gen) -> torch.Tensor: ...                 # one step's scalar loss, randomness from gen
+        def artifact(self, model_id): ...                        # (tensors, metadata, extra header strings)
+
+The one fit loop (:func:`erasure.engine.fit`) owns accelerate, the progress bar, resumable checkpoints and the
+run record. A method with its own update schedule (SFD's two optimisers) overrides the :meth:`Method.train_step`
+hook instead of writing a second loop.
 """
 
 from __future__ import annotations
 
-import math
-import sys
-import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from dataclasses import asdict
-from pathlib import Path
-from typing import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
-from tqdm.auto import tqdm
+from diffusers import DDIMScheduler
 
-from adapters.artifact import load_artifact, module_fingerprint, save_artifact
+from adapters.artifact import module_fingerprint
 from adapters.errors import UserError
-from adapters.saliency import SaliencyMask, load_mask
+from adapters.saliency import SaliencyMask
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a method learns about its run besides its config: the seed, the base model's id (for metadata and
+    caches), the accelerator (processes, autocast), and whether to stay quiet."""
+
+    seed: int = 0
+    model_id: str = ""
+    accelerator: Any = None
+    quiet: bool = True
 
 
 def check_trainable_pipeline(pipe) -> None:
@@ -30,18 +50,85 @@ def check_trainable_pipeline(pipe) -> None:
                         "use an SD 1.x / 2.x model (SDXL artifacts can still be loaded and applied)")
 
 
-@contextmanager
-def swapped(module: torch.nn.Module, values: dict[str, torch.Tensor]):
-    """Temporarily give named parameters other values (e.g. the frozen originals) without copying the module."""
-    params = dict(module.named_parameters())
-    saved = {n: params[n].data for n in values}
-    try:
-        for n, v in values.items():
-            params[n].data = v
-        yield module
-    finally:
-        for n, v in saved.items():
-            params[n].data = v
+class Method(ABC):
+    """The protocol of an erasure method (see the module docstring). ``params`` holds the trained tensors by name."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]  # one line for --help: what it trains, and the paper
+    config_class: ClassVar[type]
+    toy_defaults: ClassVar[dict] = {}  # applied on the toy world, below the preset's and the user's values
+    writes_folder: ClassVar[bool] = False  # the result is a pipeline folder (SFD), not a .safetensors file
+    maskable: ClassVar[bool] = False  # a saliency mask (--mask) can confine its training
+    computes_mask: ClassVar[bool] = False  # it makes its own saliency mask before training (SalUn)
+
+    params: dict[str, torch.Tensor]
+
+    def __init__(self, pipe, concept, config, ctx: Context):
+        check_trainable_pipeline(pipe)
+        self.pipe, self.concept, self.config, self.ctx = pipe, concept, config, ctx
+        self.unet = pipe.unet
+
+    @classmethod
+    def check(cls, config, concept) -> None:
+        """Refuse bad options before any model is loaded (a one-line UserError each)."""
+
+    # -- training: the fit loop calls these ---------------------------------------------------------------------
+    @abstractmethod
+    def loss(self, gen: torch.Generator) -> torch.Tensor:
+        """One step's scalar loss; all randomness drawn from ``gen`` (resumable, deterministic)."""
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimisers, by name (the checkpoint's key prefix). Default: Adam over ``params``, no weight decay."""
+        return {"opt": torch.optim.Adam(self.params.values(), lr=self.config.lr)}
+
+    def train_step(self, gen: torch.Generator, optimizers: dict, accelerator, step: int) -> float | dict:
+        """Hook: one training iteration → its logged loss(es). Default: one loss, one backward, one step of the
+        single optimiser. Methods with several networks or optimisers (SFD) override this, not the loop."""
+        (opt,) = optimizers.values()
+        with accelerator.autocast():
+            loss = self.loss(gen)
+        if not torch.isfinite(loss):
+            raise UserError(f"{self.name}: the loss became {loss.item()} at step {step}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        opt.step()
+        return round(loss.item(), 6)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores of the method besides its optimisers (the trained tensors)."""
+        return {f"param/{n}": p.detach() for n, p in self.params.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(tensors[f"param/{n}"])
+
+    # -- the result ---------------------------------------------------------------------------------------------
+    @abstractmethod
+    def artifact(self, model_id: str) -> tuple[Any, dict, dict | None]:
+        """(tensors, metadata, extra header strings) of a file artifact, or (pipeline, metadata, None) when
+        ``writes_folder``."""
+
+    def summary(self) -> dict:
+        """Extra entries for the run record (e.g. the saliency mask in use)."""
+        return {}
+
+
+def run_metadata(method: Method, kind: str, model_id: str, fingerprint: str, **extra) -> dict:
+    """The metadata every trained artifact carries (DESIGN §3 rule 3): what was erased, how, and from which model."""
+    return {
+        "kind": kind,
+        "method": method.name,
+        "config": asdict(method.config),
+        "concept": method.concept.name,
+        "prompts": list(method.concept.prompts),
+        "base_model": {"id": model_id, "fingerprint": fingerprint},
+        **extra,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampling helpers
 
 
 def cfg_eps(unet, z, t, cond, uncond, scale: float) -> torch.Tensor:
@@ -72,15 +159,44 @@ def partial_ddim(unet, scheduler, cond, uncond, *, n_steps: int, stop_at: int, g
     return z, scheduler.timesteps[stop_at]
 
 
-class FineTuneMethod(ABC):
-    """Base of methods that fine-tune UNet weights and ship the change as a ``weight_delta`` artifact."""
+def ddim_sampler(pipe) -> DDIMScheduler:
+    """A DDIM scheduler with the pipeline's noise schedule (for partial sampling and teacher samples)."""
+    return DDIMScheduler.from_config(pipe.scheduler.config)
 
-    name = "base"
 
-    def __init__(self, pipe, concept, config, run):
-        check_trainable_pipeline(pipe)
-        self.pipe, self.concept, self.config, self.run = pipe, concept, config, run
-        self.unet = pipe.unet
+def add_noise(scheduler, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Forward noising x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε with ``scheduler``'s ᾱ (diffusers' ``add_noise``, in x₀'s dtype).
+    x0, noise (B, 4, h, w); t (B,)."""
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(x0.device)
+    return scheduler.add_noise(x0, noise, t)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fine-tuning methods: they train UNet weights and ship θ − θ₀ as a ``weight_delta`` artifact
+
+
+@contextmanager
+def swapped(module: torch.nn.Module, values: dict[str, torch.Tensor]):
+    """Temporarily give named parameters other values (e.g. the frozen originals) without copying the module."""
+    params = dict(module.named_parameters())
+    saved = {n: params[n].data for n in values}
+    try:
+        for n, v in values.items():
+            params[n].data = v
+        yield module
+    finally:
+        for n, v in saved.items():
+            params[n].data = v
+
+
+class FineTuneMethod(Method):
+    """Base of methods that fine-tune UNet weights (ESD, SalUn): ``trainable_names()`` picks them, a saliency mask
+    can confine them, and the artifact is θ − θ₀ of the shipped ones."""
+
+    maskable = True
+
+    def __init__(self, pipe, concept, config, ctx: Context):
+        super().__init__(pipe, concept, config, ctx)
         names = self.trainable_names()
         if not names:
             raise UserError(f"{self.name}: the selection '{getattr(config, 'variant', '?')}' matches no UNet parameter")
@@ -93,19 +209,15 @@ class FineTuneMethod(ABC):
         self.original = {n: p.detach().clone() for n, p in self.params.items()}
         self.mask: SaliencyMask | None = None
         self.mask_source: str | None = None
-        if getattr(run, "mask", None):
-            self.use_mask(load_mask(run.mask, self.unet), source=str(run.mask))
 
-    # -- to override -------------------------------------------------------------------------------------------
     @abstractmethod
     def trainable_names(self) -> list[str]:
         """Names of the UNet parameters this method trains."""
 
-    @abstractmethod
-    def loss(self, gen: torch.Generator) -> torch.Tensor:
-        """One step's scalar loss; all randomness drawn from ``gen`` (resumable, deterministic)."""
+    def compute_mask(self) -> SaliencyMask:
+        """The method's own saliency mask at θ₀ (methods with ``computes_mask``)."""
+        raise NotImplementedError
 
-    # -- shared ------------------------------------------------------------------------------------------------
     def frozen(self):
         """Context: the UNet with its original weights θ₀ (the frozen reference model)."""
         return swapped(self.unet, self.original)
@@ -122,9 +234,6 @@ class FineTuneMethod(ABC):
         for n, p in self.params.items():
             p.register_hook(lambda g, n=n: self.mask.gate(n, g))
 
-    def optimizer(self, lr: float) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.params.values(), lr=lr)  # ESD / SalUn: Adam, no weight decay
-
     def shipped_names(self) -> list[str]:
         """The parameters the artifact carries: all trained ones, or with a mask those it keeps any weight of."""
         if self.mask is None:
@@ -136,136 +245,16 @@ class FineTuneMethod(ABC):
         out = {n: (self.params[n].detach() - self.original[n]).to(torch.float32) for n in self.shipped_names()}
         return {n: self.mask.gate(n, d) for n, d in out.items()} if self.mask is not None else out
 
-    def artifact(self, model_id: str) -> tuple[dict, dict, dict | None]:
-        """(tensors, metadata, extra header strings) of the artifact this run ships."""
-        return self.delta(), self.metadata(model_id), None
-
-    def metadata(self, model_id: str) -> dict:
+    def artifact(self, model_id: str) -> tuple[dict, dict, None]:
         names = self.shipped_names()
         extra = {}
         if self.mask is not None:
             extra["mask"] = {"source": self.mask_source, "kept_fraction": round(self.mask.fraction, 6),
                              "fraction": self.mask.metadata.get("fraction"), "concept": self.mask.metadata.get("concept")}
-        return run_metadata(self, "weight_delta", model_id, module_fingerprint(self.unet, names), target="unet", **extra)
+        meta = run_metadata(self, "weight_delta", model_id, module_fingerprint(self.unet, names), target="unet", **extra)
+        return self.delta(), meta, None
 
-
-def mask_path(output: Path) -> Path:
-    """Where a run that computes a saliency mask writes it: beside its artifact, ``<name>.mask.safetensors``."""
-    return output.with_name(output.name.removesuffix(".safetensors") + ".mask.safetensors")
-
-
-def run_metadata(method, kind: str, model_id: str, fingerprint: str, **extra) -> dict:
-    """The metadata every trained artifact carries (DESIGN §3 rule 3): what was erased, how, and from which model."""
-    return {
-        "kind": kind,
-        "method": method.name,
-        "config": asdict(method.config),
-        "concept": method.concept.name,
-        "prompts": list(method.concept.prompts),
-        "base_model": {"id": model_id, "fingerprint": fingerprint},
-        **extra,
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# training loop
-
-
-def _checkpoint_path(output: Path) -> Path:
-    return output.with_name(output.name + ".ckpt.safetensors")
-
-
-def optimizer_tensors(opt, named: Iterable[tuple[str, torch.Tensor]], prefix: str) -> dict[str, torch.Tensor]:
-    """An optimizer's per-parameter state as checkpoint tensors ``PREFIX/NAME/KEY``."""
-    return {f"{prefix}/{n}/{k}": v for n, p in named for k, v in opt.state.get(p, {}).items() if torch.is_tensor(v)}
-
-
-def restore_optimizer(opt, named: Iterable[tuple[str, torch.Tensor]], tensors: dict, prefix: str) -> None:
-    """The inverse of :func:`optimizer_tensors`."""
-    for n, p in named:
-        state = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{prefix}/{n}/")}
-        if state:
-            opt.state[p] = state
-
-
-def save_checkpoint(path: Path, method_name: str, config, tensors: dict, step: int, gen: torch.Generator,
-                    history: list) -> None:
-    meta = {"kind": "checkpoint", "checkpoint": {"step": step, "history": history}, "method": method_name,
-            "config": asdict(config)}
-    save_artifact(path, {**tensors, "rng": gen.get_state()}, meta)
-
-
-@contextmanager
-def read_checkpoint(path: Path, config, gen: torch.Generator):
-    """Open a checkpoint of this run configuration → (tensors, step, history); restores ``gen``. A checkpoint of
-    another configuration, or one that lacks what this run needs, is a one-line UserError."""
-    art = load_artifact(path, kind="checkpoint")
-    ck = art.metadata.get("checkpoint")
-    if not ck or art.metadata.get("config") != asdict(config):
-        raise UserError(f"{path}: checkpoint of another run configuration; delete it or drop --resume")
-    try:
-        yield art.tensors, int(ck["step"]), list(ck["history"])
-        gen.set_state(art.tensors["rng"])
-    except KeyError as e:
-        raise UserError(f"{path}: incomplete checkpoint (no {e}); delete it or drop --resume") from None
-
-
-def _save_checkpoint(path: Path, method: FineTuneMethod, opt, step: int, gen: torch.Generator, history: list) -> None:
-    tensors = {f"param/{n}": p.detach() for n, p in method.params.items()}
-    tensors.update(optimizer_tensors(opt, method.params.items(), "opt"))
-    save_checkpoint(path, method.name, method.config, tensors, step, gen, history)
-
-
-def _load_checkpoint(path: Path, method: FineTuneMethod, opt, gen: torch.Generator) -> tuple[int, list]:
-    with read_checkpoint(path, method.config, gen) as (tensors, step, history):
-        with torch.no_grad():
-            for n, p in method.params.items():
-                p.copy_(tensors[f"param/{n}"])
-        restore_optimizer(opt, method.params.items(), tensors, "opt")
-    return step, history
-
-
-def lr_factor(schedule: str, step: int, steps: int) -> float:
-    """Multiplier of the base learning rate at ``step`` of ``steps``: "constant" 1, or "cosine" from 1 down to 0."""
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
-    return 1.0
-
-
-def fit(method: FineTuneMethod, *, steps: int, lr: float, output: Path, seed: int, accelerator,
-        checkpoint_every: int = 100, resume: bool = False, quiet: bool = False, log_every: int = 25) -> list[float]:
-    """Train ``method`` for ``steps`` Adam steps → loss history. Checkpoints next to ``output``; ``resume`` continues
-    bit-identically on CPU (parameters, optimiser moments and the random state are all restored)."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = method.optimizer(lr)
-    ckpt = _checkpoint_path(output)
-    start, history = 0, []
-    if resume and ckpt.exists():
-        start, history = _load_checkpoint(ckpt, method, opt, gen)
-    bar = tqdm(total=steps, initial=start, desc=f"{method.name} {method.concept.name}", dynamic_ncols=True,
-               disable=quiet or not sys.stderr.isatty())
-    t0 = time.time()
-    schedule = getattr(getattr(method, "config", None), "lr_schedule", "constant")
-    for step in range(start, steps):
-        for group in opt.param_groups:  # a function of the step alone: resuming needs no scheduler state
-            group["lr"] = lr * lr_factor(schedule, step, steps)
-        with accelerator.autocast():
-            loss = method.loss(gen)
-        if not torch.isfinite(loss):
-            raise UserError(f"{method.name}: the loss became {loss.item()} at step {step}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        opt.step()
-        history.append(round(loss.item(), 6))
-        bar.update()
-        bar.set_postfix(loss=f"{history[-1]:.4f}")
-        if not quiet and bar.disable and (step + 1) % log_every == 0:  # log lines where there is no bar
-            print(f"step {step + 1}/{steps} loss {history[-1]:.5f} ({time.time() - t0:.0f} s)", file=sys.stderr)
-        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            _save_checkpoint(ckpt, method, opt, step + 1, gen, history)
-    bar.close()
-    return history
-
-
-def remove_checkpoint(output: Path) -> None:
-    _checkpoint_path(output).unlink(missing_ok=True)
+    def summary(self) -> dict:
+        if self.mask is None:
+            return {}
+        return {"mask": {"path": self.mask_source, **self.mask.summary(self.mask_source)}}

@@ -14,13 +14,32 @@ Variants by trained parameters: ESD-x (cross-attention ``attn2``; ``esd-x-strict
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
-from erasure.methods.base import FineTuneMethod, partial_ddim
+from erasure.config import option
+from erasure.methods.base import FineTuneMethod, ddim_sampler, partial_ddim
 from pipelines.text import encode
 
 _ESD_U_EXCLUDE = ("attn2", "time_embedding", "conv_out", "conv_norm_out")  # paper code: attn2, time_embed, out.
+
+
+@dataclass
+class ESDConfig:
+    """ESD (Gandikota et al., 2023). Defaults: paper / train-esd.py at 8725451 unless noted."""
+
+    variant: str = option("esd-x", "parameters trained: esd-x (cross-attention), esd-x-strict (its to_k/to_v), esd-u "
+                          "(all but cross-attention), full, selfattn",
+                          choices=("esd-x", "esd-x-strict", "esd-u", "full", "selfattn"))
+    eta: float = option(1.0, "negative guidance η (paper: 1.0)")
+    steps: int = option(1000, "iterations (paper: 1000)")
+    lr: float = option(1e-5, "learning rate, Adam (paper: 1e-5)")
+    batch_size: int = option(1, "prompts per step (paper: 1)")
+    ddim_steps: int = option(50, "DDIM steps of the partial sampling that makes x_t (paper: 50)")
+    start_guidance: float = option(3.0, "CFG scale of that sampling (paper: 3)")
+    sample_with: str = option("trained", "model that samples x_t: 'trained' (paper code) or 'frozen' (diffusers code)",
+                              choices=("trained", "frozen"))
 
 
 def esd_loss(eps_theta: torch.Tensor, eps_star_c: torch.Tensor, eps_star_null: torch.Tensor, eta: float) -> torch.Tensor:
@@ -46,12 +65,14 @@ def select_parameters(unet: torch.nn.Module, variant: str) -> list[str]:
 
 class ESD(FineTuneMethod):
     name = "esd"
+    title = "fine-tune UNet weights to negatively guide away from the concept (ESD, Gandikota et al. 2023)"
+    config_class = ESDConfig
+    # the toy world's 2.4 M-parameter UNet: larger lr, fewer steps, batches (README, "Measured on the toy world")
+    toy_defaults = {"steps": 200, "lr": 1e-4, "batch_size": 8, "ddim_steps": 25, "variant": "esd-u"}
 
-    def __init__(self, pipe, concept, config, run):
-        super().__init__(pipe, concept, config, run)
-        from diffusers import DDIMScheduler
-
-        self.sampler = DDIMScheduler.from_config(pipe.scheduler.config)
+    def __init__(self, pipe, concept, config, ctx):
+        super().__init__(pipe, concept, config, ctx)
+        self.sampler = ddim_sampler(pipe)
         self.prompt_embeds = encode(pipe, list(concept.prompts))  # (P, 77, D)
         self.null_embed = encode(pipe, [concept.surrogate])  # (1, 77, D): "" → unconditional
 

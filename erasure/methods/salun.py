@@ -17,22 +17,41 @@ images without it. On Stable Diffusion, as in the paper (800 SD generations of "
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 
-from adapters.artifact import load_artifact, module_fingerprint, save_artifact
-from adapters.errors import UserError
-from adapters.saliency import SaliencyMask, compute_mask, load_mask
-from erasure.methods.base import FineTuneMethod, mask_path
+from adapters.artifact import module_fingerprint
+from adapters.saliency import SaliencyMask, compute_mask
+from erasure.config import option
+from erasure.data import Sampling
+from erasure.methods.base import FineTuneMethod, add_noise
 from pipelines.text import encode
+
+@dataclass
+class SalUnConfig:
+    """SalUn (Fan et al., ICLR 2024). Defaults: OPTML-Group/Unlearn-Saliency SD/train-scripts/nsfw_removal.py and
+    generate_mask.py unless noted."""
+
+    variant: str = option("full", "parameters trained (--train_method): full UNet or xattn (attn2 only)",
+                          choices=("full", "xattn"))
+    alpha: float = option(0.1, "weight α of the retain diffusion loss (nsfw_removal.py: 0.1; Imagenette README: 0.5)")
+    steps: int = option(100, "iterations (800 forget images, batch 8, 1 epoch)")
+    lr: float = option(1e-5, "learning rate, Adam, no weight decay (nsfw_removal.py: 1e-5)")
+    batch_size: int = option(8, "forget and retain examples per step (8)")
+    mask_fraction: float = option(0.5, "fraction of weights the saliency mask keeps (threshold_list [0.5]); 1.0 = no mask")
+    mask_per_layer: bool = option(False, "threshold each parameter tensor separately instead of one global cut")
+    mask_guidance: float = option(7.5, "w of the mask loss's (1 + w)·ε(c) − w·ε(∅) (generate_mask.py c_guidance 7.5)")
+    mask_batches: int = option(0, "batches of forget examples the mask's gradient sums (0: one pass over the forget set)")
+    forget_images: int = option(800, "forget examples (SD: generations of the forget prompt; SalUn issue #3: 800)")
+    retain_images: int = option(800, "retain examples (SD: generations of the substitute and anchors; issue #3: 800)")
+    forget_prompt: str = option("", "forget prompt (default: the preset's prompts; nudity: 'a photo of a nude person')")
+    substitute: str = option("", "substitute prompt c' (default: the preset's; nudity: 'a photo of a person wearing "
+                             "clothes')")
+    sample_steps: int = option(50, "DDIM steps when generating forget / retain images on SD")
+    sample_guidance: float = option(7.5, "CFG scale when generating forget / retain images on SD")
 
 
 def forget_loss(eps_forget: torch.Tensor, eps_substitute: torch.Tensor) -> torch.Tensor:
@@ -50,130 +69,31 @@ def saliency_loss(eps_c: torch.Tensor, eps_null: torch.Tensor, noise: torch.Tens
     return F.mse_loss((1 + w) * eps_c - w * eps_null, noise)
 
 
-@dataclass
-class Examples:
-    """Latents (N, 4, h, w) with, per example, the index of its prompt in ``texts`` (and of its substitute)."""
-
-    latents: torch.Tensor
-    prompt: torch.Tensor
-    substitute: torch.Tensor | None = None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# data
-
-
-@torch.no_grad()
-def _encode_images(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    out = [vae.encode(x[i : i + batch].to(vae.device, vae.dtype)).latent_dist.mean for i in range(0, len(x), batch)]
-    return torch.cat(out).float() * vae.config.scaling_factor
-
-
-def toy_data(pipe, concept, n_forget: int, n_retain: int, seed: int, substitute: str | None = None):
-    """→ (forget Examples, retain Examples, texts): the toy world's own images, as described above."""
-    from erasure.concepts import toy_word
-    from erasure.toyworld import data
-
-    rng = np.random.default_rng(seed)
-    sub_word = toy_word(concept, concept.substitute, "salun: the substitute") if substitute is None else substitute
-    forget = [data.sample_concept(concept.name, rng, sub_word) for _ in range(n_forget)]
-    retain = []
-    while len(retain) < n_retain:
-        scene = data.sample_scene(rng)
-        if not data.contains(scene, concept.name):
-            retain.append(scene)
-    texts = sorted({s.caption for s, _ in forget} | {sub for _, sub in forget} | {s.caption for s in retain})
-    index = {t: i for i, t in enumerate(texts)}
-    f_lat = _encode_images(pipe.vae, np.stack([data.render(s, rng) for s, _ in forget]))
-    r_lat = _encode_images(pipe.vae, np.stack([data.render(s, rng) for s in retain]))
-    f = Examples(f_lat, torch.tensor([index[s.caption] for s, _ in forget]), torch.tensor([index[t] for _, t in forget]))
-    r = Examples(r_lat, torch.tensor([index[s.caption] for s in retain]))
-    return f, r, texts
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("ERASURE_CACHE", Path.home() / ".cache" / "erasure"))
-
-
-@torch.no_grad()
-def generated_latents(pipe, prompts: list[str], n: int, *, steps: int, guidance: float, seed: int, batch: int = 8,
-                      model_id: str = "", quiet: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` latents generated by ``pipe`` from ``prompts`` (cycled), cached by everything that determines them.
-    → (latents (n, 4, h, w), prompt index (n,))."""
-    from tqdm.auto import tqdm
-
-    key = json.dumps([model_id, type(pipe.unet).__name__, sum(p.numel() for p in pipe.unet.parameters()),
-                      pipe.unet.config.sample_size, prompts, n, steps, guidance, seed])
-    path = _cache_dir() / f"salun-{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
-    which = torch.arange(n) % len(prompts)
-    if path.exists():
-        art = load_artifact(path, kind="data_cache")
-        if art.metadata.get("key") == key:
-            return art.tensors["latents"], which
-    out = []
-    for start in tqdm(range(0, n, batch), desc="salun data", disable=quiet, dynamic_ncols=True):
-        chunk = [prompts[int(i)] for i in which[start : start + batch]]
-        gen = torch.Generator().manual_seed(seed + start)
-        lat = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, output_type="latent", generator=gen).images
-        out.append(lat.float().cpu())
-    latents = torch.cat(out)
-    try:
-        save_artifact(path, {"latents": latents}, {"kind": "data_cache", "key": key, "prompts": prompts})
-    except UserError:
-        pass  # an unwritable cache only costs the regeneration next time
-    return latents, which
-
-
-def generated_data(pipe, concept, cfg, seed: int, model_id: str, quiet: bool):
-    """Stable Diffusion: forget images from the forget prompt(s), retain images from the substitute and the preset's
-    anchors, all generated by the base model (the paper's recipe)."""
-    forget_prompts = [cfg.forget_prompt] if cfg.forget_prompt else list(concept.prompts)
-    substitute = cfg.substitute or concept.substitute
-    if not substitute:
-        raise UserError(f"salun needs a substitute prompt for '{concept.name}': pass --substitute 'TEXT'")
-    retain_prompts = [substitute, *[a for a in concept.anchors if a != substitute]]
-    texts = sorted(set(forget_prompts) | set(retain_prompts))
-    index = {t: i for i, t in enumerate(texts)}
-    kw = dict(steps=cfg.sample_steps, guidance=cfg.sample_guidance, model_id=model_id, quiet=quiet)
-    f_lat, f_which = generated_latents(pipe, forget_prompts, cfg.forget_images, seed=seed, **kw)
-    r_lat, r_which = generated_latents(pipe, retain_prompts, cfg.retain_images, seed=seed + 10**6, **kw)
-    f_idx = torch.tensor([index[forget_prompts[int(i)]] for i in f_which])
-    sub_idx = torch.full_like(f_idx, index[substitute])
-    r_idx = torch.tensor([index[retain_prompts[int(i)]] for i in r_which])
-    return Examples(f_lat, f_idx, sub_idx), Examples(r_lat, r_idx), texts
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the method
 
 
 class SalUn(FineTuneMethod):
     name = "salun"
+    title = "fine-tune only the salient weights, forget → substitute + retain loss (SalUn, Fan et al. 2024)"
+    config_class = SalUnConfig
+    computes_mask = True
+    # the toy world's 2.4 M-parameter UNet (README, "Measured on the toy world")
+    toy_defaults = {"steps": 200, "lr": 1e-4, "batch_size": 16, "alpha": 0.4, "forget_images": 512,
+                    "retain_images": 4096}
 
-    def __init__(self, pipe, concept, config, run):
-        super().__init__(pipe, concept, config, run)
-        from diffusers import DDPMScheduler
-
-        from erasure.concepts import TOY_MODEL, toy_word
-
-        quiet = getattr(run, "quiet", False) or not sys.stderr.isatty()
-        if run.model == TOY_MODEL:
-            sub = None
-            if config.substitute:
-                sub = toy_word(concept, config.substitute, "salun: the substitute")
-            self.forget, self.retain, texts = toy_data(pipe, concept, config.forget_images, config.retain_images,
-                                                       run.seed, sub)
-        else:
-            self.forget, self.retain, texts = generated_data(pipe, concept, config, run.seed, run.model, quiet)
+    def __init__(self, pipe, concept, config, ctx):
+        super().__init__(pipe, concept, config, ctx)
+        sampling = Sampling(config.sample_steps, config.sample_guidance, ctx.model_id, ctx.quiet)
+        self.forget, self.retain, texts = concept.examples(pipe, config.forget_images, config.retain_images, ctx.seed,
+                                                           substitute=config.substitute,
+                                                           forget_prompt=config.forget_prompt, sampling=sampling)
         self.texts = texts
         self.embeds = torch.cat([encode(pipe, texts[i : i + 256]) for i in range(0, len(texts), 256)])
         self.null = encode(pipe, [""])
         device = self.unet.device
         self.forget.latents, self.retain.latents = self.forget.latents.to(device), self.retain.latents.to(device)
-        self.alphas = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.to(device)
-        if self.mask is None:
-            self.use_mask(self._mask(run, quiet), source=str(mask_path(Path(run.output))))
+        self.noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
 
     def trainable_names(self) -> list[str]:
         names = [n for n, _ in self.unet.named_parameters()]
@@ -181,26 +101,24 @@ class SalUn(FineTuneMethod):
 
     # -- pieces -------------------------------------------------------------------------------------------------
     def _noised(self, latents: torch.Tensor, gen: torch.Generator):
-        """x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε with t ~ U{0..999} → (x_t, t, ε)."""
-        t = torch.randint(0, len(self.alphas), (len(latents),), generator=gen).to(latents.device)
+        """x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε with t ~ U{0..T−1} → (x_t, t, ε)."""
+        steps = self.noise_schedule.config.num_train_timesteps
+        t = torch.randint(0, steps, (len(latents),), generator=gen).to(latents.device)
         noise = torch.randn(latents.shape, generator=gen).to(latents.device, latents.dtype)
-        a = self.alphas[t].view(-1, 1, 1, 1).to(latents.dtype)
-        return a.sqrt() * latents + (1 - a).sqrt() * noise, t, noise
+        return add_noise(self.noise_schedule, latents, t, noise), t, noise
 
-    def _mask(self, run, quiet: bool):
-        """Compute the saliency mask at θ₀ (or reuse the one a resumed run already wrote) and save it beside the
-        artifact, where ``--mask`` can reuse it for any fine-tuning method."""
-        cfg, path = self.config, mask_path(Path(run.output))
-        if run.resume and path.exists():
-            return load_mask(path, self.unet)
+    def compute_mask(self) -> SaliencyMask:
+        """The saliency mask at θ₀: the top ``mask_fraction`` of |∇θ| of the mask loss summed over the forget set
+        (``generate_mask.py``); with ``mask_fraction`` 1 every trained weight (the unmasked baseline)."""
+        cfg = self.config
         meta = {"concept": self.concept.name, "prompts": list(self.concept.prompts), "guidance": cfg.mask_guidance,
-                "method": "salun", "base_model": {"id": run.model}}
-        if cfg.mask_fraction >= 1.0:  # no mask: every trained weight may change (the unmasked baseline)
+                "method": "salun", "base_model": {"id": self.ctx.model_id}}
+        if cfg.mask_fraction >= 1.0:
             ones = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
             meta["fraction"] = 1.0
             meta["base_model"]["fingerprint"] = module_fingerprint(self.unet, list(ones))
             return SaliencyMask(ones, meta)
-        gen = torch.Generator().manual_seed(run.seed + 1)
+        gen = torch.Generator().manual_seed(self.ctx.seed + 1)
         n, b = len(self.forget.latents), cfg.batch_size
 
         def loss(i: int) -> torch.Tensor:  # one pass over the forget set, batch after batch (generate_mask.py)
@@ -211,10 +129,8 @@ class SalUn(FineTuneMethod):
             return saliency_loss(e_c, e_null, noise, cfg.mask_guidance)
 
         batches = cfg.mask_batches or -(-n // b)
-        mask = compute_mask(self.unet, loss, batches, fraction=cfg.mask_fraction, per_layer=cfg.mask_per_layer,
-                            names=list(self.params), quiet=quiet, metadata=meta)
-        mask.save(path)
-        return mask
+        return compute_mask(self.unet, loss, batches, fraction=cfg.mask_fraction, per_layer=cfg.mask_per_layer,
+                            names=list(self.params), quiet=self.ctx.quiet, metadata=meta)
 
     def loss(self, gen: torch.Generator) -> torch.Tensor:
         cfg, b = self.config, self.config.batch_size

@@ -23,20 +23,59 @@ N processes follow a 1-process run with the same global batch.
 
 from __future__ import annotations
 
-import re
-import sys
-import time
 from contextlib import contextmanager
 from copy import deepcopy
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from adapters.artifact import module_fingerprint
 from adapters.errors import UserError
-from erasure.methods.base import (cfg_eps, check_trainable_pipeline, ddim_steps, optimizer_tensors, read_checkpoint,
-                                   restore_optimizer, run_metadata, save_checkpoint)
+from erasure.config import option
+from erasure.methods.base import Method, add_noise, cfg_eps, ddim_steps, run_metadata
+from erasure.toyworld.models import GUIDANCE
+from pipelines.one_step import OneStepPipeline
 from pipelines.text import encode
+
+
+@dataclass
+class SFDConfig:
+    """Score Forgetting Distillation (Chen et al., ICLR 2025). Defaults: tqch/score-forgetting-distillation
+    SD/run_sfd.sh (SD 1.5) unless noted."""
+
+    steps: int = option(12500, "iterations (README evaluates kimg 100 at batch 8: 12.5K)")
+    lr: float = option(1e-6, "generator learning rate, Adam β (0, 0.999) (run_sfd.sh: 1e-6)")
+    lr_fake: float = option(3e-6, "fake-score learning rate (run_sfd.sh: 3e-6)")
+    fake_steps: int = option(1, "fake-score updates per generator update (SiD / SFD: 1; DMD2's two time-scale rule: 5)")
+    batch_size: int = option(8, "global batch of remain and of forget prompts per iteration (run_sfd.sh: 8)")
+    alpha: float = option(1.0, "SiD α (SD: 1; CIFAR configs: 1.2)")
+    t_init: int = option(625, "the generator's fixed timestep (625 ⇒ σ_init ≈ 2.5)")
+    t_min: int = option(20, "lowest loss timestep (train.py: 20)")
+    t_max: int = option(980, "loss timesteps are drawn from [t_min, t_max) (train.py: 980)")
+    cfg_train_fake: float = option(4.5, "κ1: guidance inside the fake score's own loss (SFD-SD: 4.5)")
+    cfg_eval_fake: float = option(4.5, "κ2 = κ3: guidance of the fake score in the generator loss (4.5)")
+    cfg_eval_real: float = option(4.5, "κ4: guidance of the teacher in the generator loss (4.5)")
+    g_remain: float = option(1.0, "generator loss weight, remain batch (run_sfd.sh: 1)")
+    g_forget: float = option(1.0, "generator loss weight, forget batch (run_sfd.sh: 1)")
+    sg_remain: float = option(1.0, "fake-score loss weight, remain batch (1)")
+    sg_forget: float = option(1.0, "fake-score loss weight, forget batch (1)")
+    concept_override: str = option("", "override prompt c_s the teacher sees for forget prompts (default: the preset's; "
+                                   "celebrity → 'a middle aged man', nudity → the bare subject)")
+    remain_prompts: str = option("", "file of remain prompts, one per line (SFD: Aesthetics-6+ captions; default: the "
+                                 "preset's anchors)")
+    prompt_pool: int = option(4096, "toy world: how many remain and forget captions to draw from")
+    ema_halflife_kimg: float = option(0.0, "EMA of the generator, half-life in thousands of images (batch_size per "
+                                      "iteration); the student is the EMA. 0 = off, as SFD-SD (--ema 0: it fine-tunes an "
+                                      "already distilled generator); SiD-LSG 50, SiD-EDM 500")
+    ema_rampup: float = option(0.5, "EMA half-life at most this × the images seen so far (SiD / EDM ema_rampup_ratio 0.5)")
+    regression_weight: float = option(0.0, "λ of a regression term pulling G(z) toward the teacher's own sample from the same "
+                                      "noise z (DMD's regression loss; forget prompts: the override prompt's sample). It "
+                                      "keeps the one-step map tied to the noise. 0 = off, as SFD")
+    regression_pairs: int = option(256, "teacher samples (noise, prompt → latent) drawn once for the regression term, half "
+                                   "remain and half forget prompts")
+    regression_guidance: float = option(7.5, "CFG scale of the teacher samples of the regression term (25 DDIM steps)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,8 +123,6 @@ def regression_loss(x_g: torch.Tensor, x_teacher: torch.Tensor) -> torch.Tensor:
 def teacher_samples(unet, scheduler_config, z, cond, null, kappa: float, steps: int = 25) -> torch.Tensor:
     """Deterministic DDIM samples of the teacher from the initial noise z with CFG κ: z (B, 4, h, w), cond (B, 77, D)
     → clean latents (B, 4, h, w), fp32, in batches of 32."""
-    from diffusers import DDIMScheduler
-
     sched = DDIMScheduler.from_config(scheduler_config)
     sched.set_timesteps(steps)
     return torch.cat([ddim_steps(unet, sched, z[i : i + 32] * sched.init_noise_sigma, cond[i : i + 32],
@@ -115,82 +152,36 @@ def no_tf32():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# prompts (data-free: the method sees prompts only)
-
-
-def override_of(prompt: str, concept: str, override: str) -> str:
-    """The override prompt of a forget prompt: the concept's words replaced (SFD celebrity recipe), or the override
-    prompt itself when the forget prompt does not name the concept (nudity: the bare subject)."""
-    pattern = re.compile(re.escape(concept), re.IGNORECASE)
-    return pattern.sub(override, prompt) if pattern.search(prompt) else override
-
-
-def toy_prompts(concept, n: int, seed: int, override: str | None = None):
-    """Toy world: remain prompts = captions without the concept; forget / override pairs = captions naming it (a
-    quarter of them two-object scenes, so the concept is forgotten next to other objects too) and the same caption
-    with its word swapped ("a red circle" → "a red square")."""
-    import numpy as np
-
-    from erasure.concepts import toy_word
-    from erasure.toyworld import data
-
-    rng = np.random.default_rng(seed)
-    word = override or toy_word(concept, concept.override, "sfd: the override")
-    named = re.compile(rf"\b{re.escape(concept.name)}\b")
-    pairs = [data.sample_concept(concept.name, rng, word) for _ in range(n - n // 4)]
-    forget, over = [s.caption for s, _ in pairs], [o for _, o in pairs]
-    while len(forget) < n:
-        scene = data.sample_pair(rng)
-        if data.contains(scene, concept.name) and named.search(scene.caption):
-            forget.append(scene.caption)
-            over.append(data.swap_word(scene.caption, concept.name, word))
-    return data.captions_without(concept.name, n, rng), forget, over
-
-
-def real_prompts(concept, remain_file: str | None, override: str | None):
-    """Stable Diffusion: forget prompts = the preset's; override per prompt; remain prompts from a file (one per line;
-    the SFD paper uses Aesthetics-6+ captions) or the preset's anchors."""
-    override = override or concept.override
-    if not override:
-        raise UserError(f"sfd needs an override prompt for '{concept.name}': pass --concept-override 'TEXT'")
-    if remain_file:
-        path = Path(remain_file)
-        if not path.is_file():
-            raise UserError(f"--remain-prompts {remain_file}: no such file")
-        remain = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-        if not remain:
-            raise UserError(f"--remain-prompts {remain_file}: the file has no prompts")
-    else:
-        remain = list(concept.anchors) or [override]
-    forget = list(concept.prompts)
-    return remain, forget, [override_of(p, concept.name, override) for p in forget]
-
-
-def check_config(config, concept) -> None:
-    """Refuse bad SFD options before any model is loaded (one line each)."""
-    if config.fake_steps < 1:
-        raise UserError(f"sfd: --fake-steps must be at least 1 (got {config.fake_steps})")
-    if config.regression_weight < 0 or (config.regression_weight > 0 and config.regression_pairs < 2):
-        raise UserError(f"sfd: need --regression-weight ≥ 0 and, when it is on, --regression-pairs ≥ 2 (got "
-                        f"{config.regression_weight}, {config.regression_pairs})")
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # the method
 
 
-class SFD:
-    """Distil ``pipe``'s UNet into a one-step generator that never learns ``concept``."""
+class SFD(Method):
+    """Distil ``pipe``'s UNet into a one-step generator that never learns ``concept``. Its update schedule (``fake_steps``
+    fake-score updates, then one generator update, then the EMA) is the :meth:`train_step` hook of the fit loop."""
 
     name = "sfd"
+    title = "distil a one-step generator that never learns the concept (SFD, Chen et al. 2025)"
+    config_class = SFDConfig
+    writes_folder = True
+    # the toy world (README, "Measured on the toy world"): κ 2 as SiD-LSG's run_sid.sh; EMA as SiD, which distils from
+    # scratch; the regression samples at the toy world's sampler CFG; t_max 700:
+    # above it the teacher's x̂₀ is mostly the caption's mean
+    toy_defaults = {"steps": 400, "lr": 5e-5, "lr_fake": 1e-4, "batch_size": 8, "cfg_train_fake": 2.0,
+                    "cfg_eval_fake": 2.0, "cfg_eval_real": 2.0, "ema_halflife_kimg": 0.5, "regression_guidance": GUIDANCE,
+                    "t_max": 700}
 
-    def __init__(self, pipe, concept, config, run, accelerator):
-        check_trainable_pipeline(pipe)
-        from diffusers import DDPMScheduler
+    @classmethod
+    def check(cls, config, concept) -> None:
+        if config.fake_steps < 1:
+            raise UserError(f"sfd: --fake-steps must be at least 1 (got {config.fake_steps})")
+        if config.regression_weight < 0 or (config.regression_weight > 0 and config.regression_pairs < 2):
+            raise UserError(f"sfd: need --regression-weight ≥ 0 and, when it is on, --regression-pairs ≥ 2 (got "
+                            f"{config.regression_weight}, {config.regression_pairs})")
 
-        from erasure.concepts import TOY_MODEL
-
-        self.pipe, self.concept, self.config, self.run, self.acc = pipe, concept, config, run, accelerator
+    def __init__(self, pipe, concept, config, ctx):
+        super().__init__(pipe, concept, config, ctx)
+        accelerator = ctx.accelerator
+        self.acc = accelerator
         if config.batch_size % accelerator.num_processes:
             raise UserError(f"sfd: --batch-size {config.batch_size} (the global batch) must be divisible by the "
                             f"{accelerator.num_processes} processes")
@@ -198,27 +189,30 @@ class SFD:
         self.fake = deepcopy(self.teacher).train()
         self.G = deepcopy(self.teacher).train()
         self.G_ema = deepcopy(self.G).requires_grad_(False) if config.ema_halflife_kimg > 0 else None
-        self.abar = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.to(self.teacher.device, torch.float32)
+        self.noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.abar = self.noise_schedule.alphas_cumprod.to(self.teacher.device, torch.float32)
         if not 0 <= config.t_min < config.t_max <= len(self.abar) or not 0 <= config.t_init < len(self.abar):
             raise UserError(f"sfd: need 0 ≤ t_min < t_max ≤ {len(self.abar)} and 0 ≤ t_init < {len(self.abar)}")
-        if run.model == TOY_MODEL:
-            remain, forget, override = toy_prompts(concept, config.prompt_pool, run.seed, config.concept_override or None)
-        else:
-            remain, forget, override = real_prompts(concept, config.remain_prompts or None, config.concept_override or None)
+        remain, forget, override = concept.distillation_prompts(config.prompt_pool, ctx.seed,
+                                                                override=config.concept_override,
+                                                                remain_file=config.remain_prompts)
         self.prompts = {"remain": remain, "forget": forget, "override": override}
         enc = lambda ps: torch.cat([encode(pipe, ps[i : i + 256]) for i in range(0, len(ps), 256)])  # noqa: E731
         self.remain, self.forget, self.override = enc(remain), enc(forget), enc(override)
         self.null = encode(pipe, [""])
         self.pairs = self._regression_pairs() if config.regression_weight > 0 else None
-        betas = (0.0, 0.999)  # SiD / SFD: Adam β₁ = 0
-        self.opt_fake = torch.optim.Adam(self.fake.parameters(), lr=config.lr_fake, betas=betas, eps=1e-8)
-        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=betas, eps=1e-8)
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The generator's and the fake score's Adam (SiD / SFD: β₁ = 0), as named in checkpoints."""
+        cfg, betas = self.config, (0.0, 0.999)
+        return {"opt_g": torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=betas, eps=1e-8),
+                "opt_fake": torch.optim.Adam(self.fake.parameters(), lr=cfg.lr_fake, betas=betas, eps=1e-8)}
 
     def _regression_pairs(self) -> dict:
         """Noise → teacher sample pairs for the regression term, drawn once from the run's seed (so a resumed run
         redraws the same): half remain prompts, half forget prompts whose target is the override prompt's sample."""
         cfg, dev = self.config, self.teacher.device
-        gen = torch.Generator().manual_seed(self.run.seed + 7919)
+        gen = torch.Generator().manual_seed(self.ctx.seed + 7919)
         c, s = self.teacher.config.in_channels, self.teacher.config.sample_size
         pairs = {}
         half = cfg.regression_pairs // 2
@@ -259,15 +253,15 @@ class SFD:
         return out
 
     def _noised(self, x_g, t, eps):
-        a = self.abar[t].view(-1, 1, 1, 1)
-        return a.sqrt() * x_g + (1 - a).sqrt() * eps, a
+        """x_t of x_g at t (B,) with noise ε, and ᾱ_t (B, 1, 1, 1) for x̂₀."""
+        return add_noise(self.noise_schedule, x_g, t, eps), self.abar[t].view(-1, 1, 1, 1)
 
-    def _fake_step(self, gen) -> float:
+    def _fake_step(self, gen, opt) -> float:
         cfg = self.config
         self.G.requires_grad_(False)
         self.fake.requires_grad_(True)
         total = 0.0
-        self.opt_fake.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         for pool, weight in ((self.remain, cfg.sg_remain), (self.forget, cfg.sg_forget)):  # forget: f_ψ sees c_f
             d = self._draw(gen, pool)
             with self.acc.autocast():
@@ -282,15 +276,15 @@ class SFD:
                 loss = weight * _finite_mean(rows, len(rows))
             loss.backward()
             total += loss.item()
-        self._sync_and_step(self.fake, self.opt_fake, clip=False)
+        self._sync_and_step(self.fake, opt, clip=False)
         return self._mean_over_processes(total)
 
-    def _generator_step(self, gen) -> float:
+    def _generator_step(self, gen, opt) -> float:
         cfg = self.config
         self.fake.requires_grad_(False)  # frozen, but gradients flow through its input into x_g
         self.G.requires_grad_(True)
         total = 0.0
-        self.opt_g.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         for name, pool, partner, weight in (("remain", self.remain, None, cfg.g_remain),
                                             ("forget", self.forget, self.override, cfg.g_forget)):
             d = self._draw(gen, pool, partner)
@@ -307,7 +301,7 @@ class SFD:
                     loss = loss + self._regression_term(gen, self.pairs[name])
             loss.backward()
             total += loss.item()
-        self._sync_and_step(self.G, self.opt_g, clip=True)
+        self._sync_and_step(self.G, opt, clip=True)
         return self._mean_over_processes(total)
 
     def _update_ema(self, step: int) -> None:
@@ -328,8 +322,6 @@ class SFD:
         """A logged loss is the global batch's: the mean of the processes' (each normalised by its local batch)."""
         if self.acc.num_processes == 1:
             return value
-        import torch.distributed as dist
-
         t = torch.tensor([value], dtype=torch.float64)
         dist.all_reduce(t)
         return t.item() / self.acc.num_processes
@@ -337,8 +329,6 @@ class SFD:
     def _sync_and_step(self, net, opt, clip: bool) -> None:
         params = [p for p in net.parameters() if p.grad is not None]
         if self.acc.num_processes > 1:
-            import torch.distributed as dist
-
             for p in params:
                 dist.all_reduce(p.grad)
                 p.grad /= self.acc.num_processes
@@ -348,77 +338,43 @@ class SFD:
             torch.nn.utils.clip_grad_value_(params, 1.0)
         opt.step()
 
-    # -- the loop -----------------------------------------------------------------------------------------------
-    def fit(self, output: Path, *, resume: bool, checkpoint_every: int, quiet: bool) -> list[dict]:
-        from tqdm.auto import tqdm
+    # -- the fit loop's hooks ------------------------------------------------------------------------------------
+    def loss(self, gen: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError("SFD updates two networks: the fit loop calls train_step")
 
+    def train_step(self, gen, optimizers: dict, accelerator, step: int) -> dict:
+        """``fake_steps`` fake-score updates, one generator update, the EMA → {"fake", "generator"} losses."""
         cfg = self.config
-        gen = torch.Generator().manual_seed(self.run.seed)
-        ckpt = output.with_name(output.name + ".ckpt.safetensors")
-        start, history = 0, []
-        if resume and ckpt.exists():
-            start, history = self._load_checkpoint(ckpt, gen)
-        main = self.acc.is_main_process
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"sfd {self.concept.name}", dynamic_ncols=True,
-                   disable=quiet or not main or not sys.stderr.isatty())
-        t0 = time.time()
         with no_tf32():
-            for step in range(start, cfg.steps):
-                lf = sum(self._fake_step(gen) for _ in range(cfg.fake_steps)) / cfg.fake_steps
-                lg = self._generator_step(gen)
-                self._update_ema(step)
-                if not (torch.isfinite(torch.tensor(lf)) and torch.isfinite(torch.tensor(lg))):
-                    raise UserError(f"sfd: the loss became non-finite at step {step}; lower --lr / --lr-fake")
-                history.append({"fake": round(lf, 6), "generator": round(lg, 6)})
-                bar.update()
-                bar.set_postfix(fake=f"{lf:.3f}", gen=f"{lg:.3f}")
-                if main and not quiet and bar.disable and (step + 1) % 50 == 0:
-                    print(f"step {step + 1}/{cfg.steps} fake {lf:.4f} generator {lg:.4f} ({time.time() - t0:.0f} s)",
-                          file=sys.stderr)
-                if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps and main:
-                    self._save_checkpoint(ckpt, step + 1, gen, history)
-        bar.close()
-        return history
+            lf = sum(self._fake_step(gen, optimizers["opt_fake"]) for _ in range(cfg.fake_steps)) / cfg.fake_steps
+            lg = self._generator_step(gen, optimizers["opt_g"])
+            self._update_ema(step)
+        if not (torch.isfinite(torch.tensor(lf)) and torch.isfinite(torch.tensor(lg))):
+            raise UserError(f"sfd: the loss became non-finite at step {step}; lower --lr / --lr-fake")
+        return {"fake": round(lf, 6), "generator": round(lg, 6)}
 
-    def _optimizers(self):
-        """(checkpoint prefix, optimizer, [(index, parameter)]) for both networks' Adam states."""
-        return (("opt_g", self.opt_g, list(enumerate(self.G.parameters()))),
-                ("opt_fake", self.opt_fake, list(enumerate(self.fake.parameters()))))
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        nets = {"G": self.G, "fake": self.fake, "G_ema": self.G_ema}
+        return {f"{k}/{n}": v for k, net in nets.items() if net is not None for n, v in net.state_dict().items()}
 
-    def _save_checkpoint(self, path: Path, step: int, gen, history) -> None:
-        tensors = {f"G/{k}": v for k, v in self.G.state_dict().items()}
-        tensors.update({f"fake/{k}": v for k, v in self.fake.state_dict().items()})
-        if self.G_ema is not None:
-            tensors.update({f"G_ema/{k}": v for k, v in self.G_ema.state_dict().items()})
-        for prefix, opt, named in self._optimizers():
-            tensors.update(optimizer_tensors(opt, named, prefix))
-        save_checkpoint(path, self.name, self.config, tensors, step, gen, history)
-
-    def _load_checkpoint(self, path: Path, gen) -> tuple[int, list]:
-        with read_checkpoint(path, self.config, gen) as (tensors, step, history):
-            self.G.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("G/")})
-            self.fake.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("fake/")})
-            if self.G_ema is not None:
-                self.G_ema.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("G_ema/")})
-            for prefix, opt, named in self._optimizers():
-                restore_optimizer(opt, named, tensors, prefix)
-        return step, history
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k, net in {"G": self.G, "fake": self.fake, "G_ema": self.G_ema}.items():
+            if net is not None:
+                net.load_state_dict({n[len(k) + 1 :]: v for n, v in tensors.items() if n.startswith(f"{k}/")})
 
     # -- the result ---------------------------------------------------------------------------------------------
     def student(self):
         """The distilled one-step pipeline (shares the VAE and text encoder with the teacher pipeline); its UNet is
         the generator's EMA when ``ema_halflife_kimg`` > 0."""
-        from diffusers import DDPMScheduler
-
-        from pipelines.one_step import OneStepPipeline
-
         p = self.pipe
         G = deepcopy(self.G_ema if self.G_ema is not None else self.G).eval().requires_grad_(False)
         return OneStepPipeline(vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=G,
                                scheduler=DDPMScheduler.from_config(p.scheduler.config), init_timestep=self.config.t_init)
 
-    def metadata(self, model_id: str) -> dict:
+    def artifact(self, model_id: str) -> tuple:
+        """(the one-step pipeline, its metadata, None): written as a pipeline folder."""
         names = [n for n, _ in self.teacher.named_parameters()]
-        return run_metadata(self, "one_step_generator", model_id, module_fingerprint(self.teacher, names),
+        meta = run_metadata(self, "one_step_generator", model_id, module_fingerprint(self.teacher, names),
                             override_prompts=sorted(set(self.prompts["override"]))[:50],
                             remain_prompts=len(self.prompts["remain"]))
+        return self.student(), meta, None

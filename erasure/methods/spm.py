@@ -24,12 +24,49 @@ prompt, all evaluated at the target's x_t. Options beyond the code (``SPMConfig`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from adapters import membrane
 from adapters.errors import UserError
-from erasure.methods.base import check_trainable_pipeline, partial_ddim, run_metadata
+from erasure.config import option
+from erasure.methods.base import Method, ddim_sampler, partial_ddim, run_metadata
 from pipelines.text import encode
+
+@dataclass
+class SPMConfig:
+    """SPM (Lyu et al., CVPR 2024). Defaults: App. C.1 and Con6924/SPM configs/*.yaml unless noted."""
+
+    rank: int = option(1, "membrane rank (paper: 1, a one-dimensional adapter)")
+    alpha: float = option(1.0, "membrane alpha; scale = alpha / rank (SPM config: 1.0)")
+    eta: float = option(1.0, "erasing guidance η (prompt YAML guidance_scale: 1.0; nudity 3.0)")
+    anchor_weight: float = option(1000.0, "latent-anchoring weight λ (la_strength: 1e3; nudity 1e2)")
+    steps: int = option(3000, "iterations (App. C.1: 3000; nudity 15K)")
+    lr: float = option(1e-4, "learning rate, AdamW (App. C.1: 1e-4)")
+    batch_size: int = option(1, "target prompts per step (SPM: 1)")
+    ddim_steps: int = option(30, "DDIM steps of the partial sampling that makes x_t (max_denoising_steps: 30)")
+    start_guidance: float = option(3.0, "CFG scale of that sampling (SPM: 3)")
+    anchor_samples: int = option(2, "anchors per step besides the empty prompt (the code's effective count: 2)")
+    anchor_source: str = option("random", "anchors: 'random' text-space directions (SPM code), the preset's anchor "
+                                "'prompts', 'both', or 'captions' (toy world: captions of scenes without the concept; "
+                                "elsewhere the preset's anchor prompts)", choices=("random", "prompts", "both", "captions"))
+    steer: str = option("surrogate", "what the concept's prompts are steered to: the preset's 'surrogate' (SPM: the empty "
+                        "prompt), or, on the toy world, each prompt with the concept's word 'swap'ped for the substitute's",
+                        choices=("surrogate", "swap"))
+    pair_fraction: float = option(0.0, "toy world: share of each batch drawn from two-object captions naming the concept, "
+                                  "each steered to its other object alone instead of the surrogate (0: none, as SPM)")
+    pair_eta: float = option(1.0, "η of those pair rows (0: steer them to their target without pushing away)")
+    pair_target: str = option("other", "what those pairs are steered to: the 'other' object alone, or the caption with the "
+                              "concept's word 'swap'ped for the preset's substitute", choices=("other", "swap"))
+    anchor_latents: str = option("target", "x_t of the anchors: the 'target' prompt's trajectory (SPM code) or each "
+                                 "anchor's 'own' partial DDIM trajectory", choices=("target", "own"))
+    lr_schedule: str = option("constant", "learning-rate schedule: 'constant', or 'cosine' decay to 0 over the steps "
+                              "(the SPM code: cosine with restarts after 500 warm-up steps)", choices=("constant", "cosine"))
+    layers: str = option("all", "layers the membrane wraps: 'all' Linear / Conv2d of the transformer blocks (SPM), or only "
+                         "the cross-attention key / value projections ('cross-kv': a per-token edit of the text)",
+                         choices=("all", "cross-kv"))
+
 
 MEMBRANE = "spm"  # the name of the membrane being trained on the UNet's layers
 
@@ -56,18 +93,6 @@ def random_anchors(target: torch.Tensor, n: int, gen: torch.Generator) -> torch.
     return noise * scale.view(-1, 1, 1)
 
 
-def anchor_captions(concept, seed: int, n: int = 512) -> list[str]:
-    """``anchor_source="captions"``: on the toy world, ``n`` captions of scenes that do not show the concept (single
-    objects, aliases and pairs, every colour and fill); elsewhere the preset's anchor prompts."""
-    if not concept.is_toy:
-        return list(concept.anchors)
-    import numpy as np
-
-    from erasure.toyworld import data
-
-    return data.captions_without(concept.name, n, np.random.default_rng(seed))
-
-
 def membrane_paths(unet, layers: str) -> list[str] | None:
     """``layers``: None for every target layer ("all"), else the paths of the cross-attention key / value
     projections ("cross-kv"), which see each text token on its own."""
@@ -76,76 +101,47 @@ def membrane_paths(unet, layers: str) -> list[str] | None:
     return [p for p in membrane.target_layers(unet) if p.endswith(("attn2.to_k", "attn2.to_v"))]
 
 
-def check_config(config, concept) -> None:
-    """Refuse bad SPM options before any model is loaded (one line each)."""
-    if not 0.0 <= config.pair_fraction <= 1.0:
-        raise UserError(f"--pair-fraction must be between 0 and 1 (got {config.pair_fraction})")
-    if config.pair_fraction > 0:
-        _need_toy(concept, "--pair-fraction", "two-object captions come from the toy world")
-    if config.steer == "swap":
-        _need_toy(concept, "--steer swap", "it swaps the toy concept's word for its substitute's")
-
-
-def _need_toy(concept, option: str, why: str) -> None:
-    if not concept.is_toy:
-        raise UserError(f"spm: {option} needs a toy concept ({why})")
-
-
-def swap_word(concept, prompts: list[str]) -> list[str]:
-    """Each toy prompt with the concept's word replaced by its substitute's ("a red circle" → "a red square")."""
-    from erasure.concepts import toy_word
-    from erasure.toyworld import data
-
-    word = toy_word(concept, concept.substitute, "spm: the substitute")
-    return [data.swap_word(p, concept.name, word) for p in prompts]
-
-
-def pair_prompts(concept, seed: int, n: int = 256, swap: bool = False) -> list[tuple[str, str]]:
-    """``pair_fraction``: ``n`` toy two-object captions naming the concept, each with its other object alone (or, with
-    ``swap``, the caption with the concept's word swapped for the substitute's)."""
-    _need_toy(concept, "--pair-fraction", "two-object captions come from the toy world")
-    import numpy as np
-
-    from erasure.toyworld import data
-
-    rng = np.random.default_rng(seed + 1)
-    pairs = [data.concept_pair(concept.name, rng) for _ in range(n)]
-    if swap:
-        captions = [p for p, _ in pairs]
-        pairs = list(zip(captions, swap_word(concept, captions)))
-    return pairs
-
-
-class SPM:
+class SPM(Method):
     """Trains one membrane on ``pipe.unet``; its parameters are the membrane's lora_down / lora_up."""
 
     name = "spm"
+    title = "a rank-1 membrane with latent anchoring, loads anywhere (SPM, Lyu et al. 2024) [default]"
+    config_class = SPMConfig
+    # the toy world's 2.4 M-parameter UNet (README, "Measured on the toy world"); shapes also steer by swap (concepts.py)
+    toy_defaults = {"steps": 200, "lr": 5e-3, "batch_size": 4, "ddim_steps": 12, "anchor_weight": 1.5,
+                    "anchor_samples": 4, "anchor_source": "captions", "anchor_latents": "own", "pair_fraction": 0.5}
 
-    def __init__(self, pipe, concept, config, run):
-        from diffusers import DDIMScheduler
+    @classmethod
+    def check(cls, config, concept) -> None:
+        if not 0.0 <= config.pair_fraction <= 1.0:
+            raise UserError(f"--pair-fraction must be between 0 and 1 (got {config.pair_fraction})")
+        if config.pair_fraction > 0 and not concept.is_toy:
+            raise UserError("spm: --pair-fraction needs a toy concept (two-object captions come from the toy world)")
+        if config.steer == "swap" and not concept.is_toy:
+            raise UserError("spm: --steer swap needs a toy concept (it swaps the toy concept's word for its "
+                            "substitute's)")
 
-        check_trainable_pipeline(pipe)
-        self.pipe, self.concept, self.config, self.run = pipe, concept, config, run
-        self.unet = pipe.unet
+    def __init__(self, pipe, concept, config, ctx):
+        super().__init__(pipe, concept, config, ctx)
         self.unet.requires_grad_(False)
-        init = torch.Generator().manual_seed(run.seed)  # the membrane's lora_down init: same seed, same membrane
+        init = torch.Generator().manual_seed(ctx.seed)  # the membrane's lora_down init: same seed, same membrane
         branches = membrane.attach(self.unet, MEMBRANE, rank=config.rank, alpha=config.alpha,
                                    layers=membrane_paths(self.unet, config.layers), generator=init)
         self.params = {f"{p}.{k}": v for p, b in branches.items() for k, v in b.named_parameters()}
-        self.sampler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.sampler = ddim_sampler(pipe)
         self.targets = encode(pipe, list(concept.prompts))  # (P, L, D)
         if config.steer == "swap":  # each target prompt → itself with the substitute's word: (P, L, D)
-            self.surrogate = encode(pipe, swap_word(concept, list(concept.prompts)))
+            self.surrogate = encode(pipe, concept.swap(list(concept.prompts), concept.substitute, "spm: the substitute"))
         else:
             self.surrogate = encode(pipe, [concept.surrogate]).expand(len(self.targets), -1, -1)  # (P, L, D)
         self.pairs = None  # two-object captions naming the concept and their other object alone: (2, Q, L, D)
         if config.pair_fraction > 0:
-            pairs = pair_prompts(concept, run.seed, swap=config.pair_target == "swap")
+            pairs = concept.scene_pairs(256, ctx.seed, swap=config.pair_target == "swap")
             self.pairs = torch.stack([encode(pipe, [p for p, _ in pairs]), encode(pipe, [o for _, o in pairs])])
         self.empty = encode(pipe, [""])
         anchors = list(concept.anchors) if config.anchor_source in ("prompts", "both") else []
         if config.anchor_source == "captions":
-            anchors = anchor_captions(concept, run.seed)
+            anchors = concept.anchor_captions(ctx.seed)
         self.anchor_prompts = encode(pipe, anchors) if anchors else None
 
     def _on(self, on: bool) -> None:
@@ -190,9 +186,9 @@ class SPM:
         spm_tar, spm_anc = out.split([len(tar), len(anc)])
         return erase_loss(spm_tar, eps_tar, eps_sur, eta).mean() + cfg.anchor_weight * anchor_loss(spm_anc, eps_anc).mean()
 
-    # -- what the training loop and the CLI need ------------------------------------------------------------------
-    def optimizer(self, lr: float) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.params.values(), lr=lr, weight_decay=1e-2)  # SPM: AdamW(8bit), wd 1e-2
+    # -- what the training loop needs -----------------------------------------------------------------------------
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"opt": torch.optim.AdamW(self.params.values(), lr=self.config.lr, weight_decay=1e-2)}  # SPM: AdamW, wd 1e-2
 
     def artifact(self, model_id: str) -> tuple[dict, dict, dict]:
         """Kohya-keyed membrane tensors, our metadata, and the original release's three header strings."""
