@@ -38,11 +38,12 @@ from typing import Callable, Sequence
 
 import torch
 
+import erasure
 import pipelines
 from adapters.artifact import load_artifact, write_text_atomic
 from adapters.errors import UserError
 from erasure.toyworld.models import GUIDANCE
-from eval import sweep_config, train_plan
+from eval import sweep_config
 from eval.attack import build_target, teacher_of
 from eval.attacks import run_attacks
 from eval.generate import generate_to_folder, plan, read_manifest
@@ -100,19 +101,25 @@ def _load(cfg: SweepConfig, m: ModelSpec, *, base: str | None = None, artifacts:
     return pipe
 
 
+def _erase(options: dict, output) -> None:
+    """One training the sweep runs, into its cache (resuming an interrupted one)."""
+    rest = dict(options)
+    erasure.erase(rest.pop("concept"), **rest, output=str(output), resume=True, quiet=True)
+
+
 def train_artifacts(cfg: SweepConfig, *, quiet: bool = True) -> None:
     """Train every ``train = {...}`` base and artifact not in the cache yet (an interrupted training resumes)."""
     done = set()
     for m in cfg.models:
         if m.train is not None and not Path(m.base).exists() and m.base not in done:
             _log(quiet, f"sweep: training the base of model '{m.name}': erasure.erase {train_options(m.train)}")
-            train_plan.erase(m.train, m.base)
+            _erase(m.train, m.base)
             done.add(m.base)
         for a in m.artifacts:
             if a.train is None or a.path.exists() or a.path in done:
                 continue
             _log(quiet, f"sweep: training {a.name} for model '{m.name}': erasure.erase {train_options(a.train)}")
-            train_plan.erase(a.train, a.path)
+            _erase(a.train, a.path)
             done.add(a.path)
 
 

@@ -84,9 +84,11 @@ from pathlib import Path
 
 import torch
 
+import erasure
 from adapters.artifact import load_artifact, package_version
 from adapters.errors import UserError
 from erasure.concepts import resolve as resolve_concept
+from erasure.methods import METHODS
 from eval.attacks import ATTACKS
 from eval.prompts import TOY_PREFIX, load_prompts
 from eval.provenance import model_folder
@@ -96,7 +98,6 @@ from eval.sweep_schema import (ArtifactSpec, ArtifactTable, AttackSpec, AttackTa
                                ModelSpec, ModelTable, Place, PlotSpec, PlotTable, PromptSetSpec, PromptSetTable,
                                SweepConfig, SweepTable, TopTable, TrainedBaseTable, check_keys, load_toml, read_name,
                                read_table, read_values)
-from eval.train_plan import plan_training
 from pipelines.load import DTYPES, SCHEDULERS
 
 OVERRIDES = ("seed", "steps", "batch_size", "images_per_prompt", "max_prompts", "device")
@@ -242,7 +243,8 @@ def _read_trained_base(place: Place, table, cfg: SweepConfig, train_steps: int |
     options, plan = _train(place, t.train, ("output", "resume"), train_steps)
     if not plan.folder:
         place.fail(f"method {plan.run.method!r} makes an artifact, not a model folder: put it in artifacts = "
-                   "[{ train = {...} }] (a trained base is for a method that writes a pipeline folder: sfd)")
+                   "[{ train = {...} }] (a trained base is for a method that writes a pipeline folder: "
+                   f"{', '.join(n for n, m in METHODS.items() if m.writes_folder)})")
     key, stem = _cache_key(options, plan)
     return str((cfg.cache / f"{stem}-{key[:16]}").resolve()), options
 
@@ -261,10 +263,16 @@ def _train(place: Place, options: dict, forbidden, train_steps: int | None, *, m
     if model is not None:
         options = {**options, "model": model}
     try:
-        plan = plan_training(options)
+        plan = resolve_training(options)
     except UserError as e:
         place.fail(f"train = {shown}: {e}")
     return options, plan
+
+
+def resolve_training(options: dict):
+    """The :class:`erasure.engine.Plan` of a training's options (checked, nothing loaded)."""
+    rest = dict(options)
+    return erasure.resolve(rest.pop("concept"), **rest)
 
 
 def _cache_key(options: dict, plan) -> tuple[str, str]:
