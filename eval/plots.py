@@ -13,7 +13,7 @@ import io
 import re
 from typing import Sequence
 
-from eval.sweep import parse_axis
+from eval.results import parse_axis
 
 
 def _quantity(results: dict, metric: str, quantity: str) -> str:
@@ -93,7 +93,7 @@ def _label(axis: str, results: dict) -> str:
 
 def scatter_png(results: dict, spec: dict) -> bytes | None:
     """One scatter plot as PNG bytes, or None when no model has both values."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional: matplotlib, the `report` extra
 
     pts = points(results, spec["x"], spec["y"])
     if not pts:

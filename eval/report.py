@@ -24,8 +24,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from PIL import Image
+
 from adapters.artifact import write_bytes_atomic, write_text_atomic
 from adapters.errors import UserError
+from eval.generate import read_manifest
+from eval.plots import render_all
+from eval.results import FORMAT, REPORT_HTML, RESULTS_CSV, RESULTS_JSON, train_options
 
 PLOTS_DIR = "plots"
 PLOT_INDEX = "index.json"
@@ -50,8 +55,6 @@ def csv_text(results: dict) -> str:
 
 def write_results(output: str | os.PathLike, results: dict) -> list[Path]:
     """``results.csv`` (the tidy rows) and ``results.json`` (rows plus config, environment, models, metrics)."""
-    from eval.sweep import RESULTS_CSV, RESULTS_JSON
-
     out = Path(output)
     write_text_atomic(out / RESULTS_CSV, csv_text(results))
     keep = {k: v for k, v in results.items() if k not in ("files", "generated")}
@@ -65,9 +68,7 @@ def write_plots(output: str | os.PathLike, results: dict) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written, index = [], {"plots": []}
     try:
-        from eval.plots import render_all
-
-        rendered = render_all(results)
+        rendered = render_all(results)  # matplotlib (the report extra) is imported inside
     except ImportError as e:
         index["error"] = f"plots skipped: matplotlib is not installed ({e}); pip install 'concept-erasure-toolkit[report]'"
         print(f"warning: {index['error']}", file=sys.stderr)
@@ -121,8 +122,6 @@ def _data_png(data: bytes) -> str:
 def thumbnail_png(path: Path, size: int) -> bytes:
     """A PNG of the image at most ``size`` pixels a side (small images are embedded as they are; the page scales
     them up without smoothing)."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -224,8 +223,6 @@ def _short(text: str, n: int = 40) -> str:
 
 
 def _grid_files(folder: Path, n: int) -> list[Path]:
-    from eval.generate import read_manifest
-
     return [folder / e["file"] for e in read_manifest(folder)[:n]]
 
 
@@ -252,7 +249,7 @@ def _models_html(results: dict) -> str:
         arts = "<br>".join(
             f"<b>{_e(a['name'])}</b> ({_e(a['kind'])}, {_e(a['method'])}, concept {_e(a['concept'])}) "
             f"<span class=\"hash\">sha256 {_e(a['sha256'])}</span>"
-            + (f"<br><code>erasure.train {_e(' '.join(a['train']))}</code>" if a.get("train") else "")
+            + (f"<br><code>train = {_e(train_options(a['train']))}</code>" if a.get("train") else "")
             for a in m["artifacts"]) or "none"
         body.append([f"<th>{_e(m['name'])}</th>", _td(m["base"]), f'<td class="hash">{_e(m["base_sha256"])}</td>',
                      f"<td>{arts}</td>"])
@@ -316,16 +313,12 @@ def render_html(output: str | os.PathLike, results: dict, *, thumb: int = 96) ->
 
 
 def write_report(output: str | os.PathLike, results: dict, *, thumb: int = 96) -> Path:
-    from eval.sweep import REPORT_HTML
-
     path = Path(output) / REPORT_HTML
     write_text_atomic(path, render_html(output, results, thumb=thumb))
     return path
 
 
 def load_results(output: str | os.PathLike) -> dict:
-    from eval.sweep import FORMAT, RESULTS_JSON
-
     path = Path(output) / RESULTS_JSON
     try:
         results = json.loads(path.read_text())

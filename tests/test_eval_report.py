@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from eval import report, sweep
+from eval import report, results, sweep
 
 # ---------------------------------------------------------------------------------------------------------------
 # a synthetic results folder (no model): what eval.sweep writes, at the smallest size
@@ -50,14 +50,14 @@ def fake_results(folder: Path, texts=("a red circle", "a blue square")) -> dict:
             (d / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     rows = []
     for m, rate, fid, clip in (("base", 1.0, 3.0, 30.0), ("erased", 0.25, 9.0, 27.5)):
-        common = {c: "" for c in sweep.COLUMNS}
+        common = {c: "" for c in results.COLUMNS}
         common.update(model=m, prompt_set="target", n=len(texts), seed=0, steps=2)
         rows += [{**common, "metric": "rates", "quantity": "circle.target", "value": rate},
                  {**common, "metric": "rates", "quantity": "circle.other", "value": 1 - rate / 2},
                  {**common, "metric": "fid", "quantity": "fid", "value": fid, "reference": "toy-data"},
                  {**common, "metric": "clip", "quantity": "score", "value": clip}]
     return {
-        "format": sweep.FORMAT, "title": "Synthetic <sweep> & co", "config_file": "x.toml", "config_sha256": "0" * 64,
+        "format": results.FORMAT, "title": "Synthetic <sweep> & co", "config_file": "x.toml", "config_sha256": "0" * 64,
         "config": {"seed": 0, "steps": 2, "guidance": None, "batch_size": 2, "images_per_prompt": 1, "device": "cpu",
                    "dtype": "fp32", "scheduler": None},
         "environment": {"torch": "x", "python": "y"},
@@ -71,7 +71,7 @@ def fake_results(folder: Path, texts=("a red circle", "a blue square")) -> dict:
                      "quantities": ["score"]}],
         "plots": [], "grid_images": 8,
         "images": {f"{m}/target": f"images/{m}/target" for m in models},
-        "columns": list(sweep.COLUMNS), "rows": rows,
+        "columns": list(results.COLUMNS), "rows": rows,
     }
 
 

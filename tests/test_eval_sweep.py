@@ -36,7 +36,7 @@ artifacts = [{ path = "delta.safetensors" }]
 [[models]]
 name = "esd"
 base = "toy"
-artifacts = [{ train = ["--concept", "circle", "--method", "esd", "--steps", "1"] }]
+artifacts = [{ train = { concept = "circle", method = "esd", steps = 1 } }]
 
 [[prompt_sets]]
 name = "target"
@@ -163,7 +163,8 @@ def test_rows_carry_numbers_versions_thresholds_and_weight_hashes(reference_run)
     assert by_model["delta"]["artifacts"] == f"delta={_sha(cfg.parent / 'delta.safetensors')}"
     trained = list(cache.glob("esd-circle-*.safetensors"))
     assert len(trained) == 1 and by_model["esd"]["artifacts"] == f"esd-circle={_sha(trained[0])}"
-    assert by_model["esd"]["artifact_train_args"] == "esd-circle=--concept circle --method esd --steps 1 --model toy"
+    assert by_model["esd"]["artifact_train_args"] == \
+        'esd-circle={ concept = "circle", method = "esd", steps = 1, model = "toy" }'
     assert len({r["base_model_sha256"] for r in rows}) == 1
     assert by_model["base"]["base_model_sha256"] == sweep.folder_sha256(PIPELINE_DIR)
     # FID of the base model's images against themselves is 0; the erased and perturbed models move away from it
@@ -203,7 +204,7 @@ def test_same_sweep_from_scratch_and_interrupted_gives_identical_results(referen
     first, second = _rows(out), _rows(tmp_path / "out2")
     assert len(first) == len(second)
     for a, b in zip(first, second):
-        # every column but the artifact files' sha256: erasure.train writes its output path into the file's header
+        # every column but the artifact files' sha256: training writes its output path into the file's header
         assert {k: v for k, v in a.items() if k != "artifacts"} == {k: v for k, v in b.items() if k != "artifacts"}
     assert {r["artifacts"] for r in first if r["model"] != "esd"} == {r["artifacts"] for r in second if r["model"] != "esd"}
     for m in ("base", "delta", "esd"):
@@ -213,12 +214,12 @@ def test_same_sweep_from_scratch_and_interrupted_gives_identical_results(referen
 
 
 def test_rerun_reuses_artifacts_and_images_and_writes_the_same_bytes(reference_run, monkeypatch):
-    import erasure.train
+    import erasure
     import pipelines
 
     cfg, out, cache, _ = reference_run
     expected = (out / "results.csv").read_bytes()
-    monkeypatch.setattr(erasure.train, "train", lambda *a, **k: pytest.fail("retrained a cached artifact"))
+    monkeypatch.setattr(erasure, "erase", lambda *a, **k: pytest.fail("retrained a cached artifact"))
     monkeypatch.setattr(pipelines, "load", lambda *a, **k: pytest.fail("loaded a model whose images are all on disk"))
     again = sweep.run_sweep(sweep.load_config(cfg, output=out, cache=cache))
     assert again["generated"] == 0
@@ -241,11 +242,16 @@ BAD = {
     "missing artifact file": ("[[models]]\nname='x'\nartifacts=[{path='nope.safetensors'}]", "no such file"),
     "path and train together": ("[[models]]\nname='x'\nartifacts=[{path='delta.safetensors', train=[]}]",
                                 "exactly one of 'path'"),
-    "bad train option": ("[[models]]\nname='x'\nartifacts=[{train=['--concept','circle','--bogus']}]",
-                         "unrecognized arguments: --bogus"),
-    "real concept on toy": ("[[models]]\nname='x'\nartifacts=[{train=['--concept','nudity']}]", "real-model preset"),
-    "train sets output": ("[[models]]\nname='x'\nartifacts=[{train=['--output','a.safetensors']}]",
-                          "must not contain --output"),
+    "bad train option": ("[[models]]\nname='x'\nartifacts=[{train={concept='circle', bogus=1}}]",
+                         "--bogus is not an option of --method spm"),
+    "real concept on toy": ("[[models]]\nname='x'\nartifacts=[{train={concept='nudity'}}]", "real-model preset"),
+    "train sets output": ("[[models]]\nname='x'\nartifacts=[{train={concept='circle', output='a.safetensors'}}]",
+                          "must not contain 'output'"),
+    "train sets model": ("[[models]]\nname='x'\nartifacts=[{train={concept='circle', model='toy'}}]",
+                         "must not contain 'model'"),
+    "train without concept": ("[[models]]\nname='x'\nartifacts=[{train={method='esd'}}]", "'train' needs a concept"),
+    "train as a CLI list": ("[[models]]\nname='x'\nartifacts=[{train=['--concept','circle']}]",
+                            "'train' must be a table"),
     "missing base folder": ("[[models]]\nname='x'\nbase='./no-such-model'", "not a diffusers folder"),
     "hub id not cached": ("[[models]]\nname='x'\nbase='nobody/no-such-model'", "not available locally"),
     "duplicate model": ("[[models]]\nname='base'", "two [[models]] are named 'base'"),
@@ -260,21 +266,21 @@ BAD = {
     "plot quantity": ("[[plots]]\nx='rates.circle.nope'\ny='clip'", "has no quantity 'circle.nope'"),
     "plot prompt set": ("[[plots]]\nx='fid@nope'\ny='clip'", "no [[prompt_sets]] named 'nope'"),
     "bad name": ("[[models]]\nname='a b'", "letters, digits"),
-    "trained base of an artifact method": ("[[models]]\nname='x'\nbase={train=['--concept','circle','--method','esd']}",
+    "trained base of an artifact method": ("[[models]]\nname='x'\nbase={train={concept='circle', method='esd'}}",
                                            "makes an artifact, not a model folder"),
-    "trained base with artifacts": ("[[models]]\nname='x'\nbase={train=['--concept','circle','--method','sfd']}\n"
+    "trained base with artifacts": ("[[models]]\nname='x'\nbase={train={concept='circle', method='sfd'}}\n"
                                     "artifacts=[{path='delta.safetensors'}]", "takes no artifacts"),
-    "sfd as an artifact": ("[[models]]\nname='x'\nartifacts=[{train=['--concept','circle','--method','sfd']}]",
+    "sfd as an artifact": ("[[models]]\nname='x'\nartifacts=[{train={concept='circle', method='sfd'}}]",
                            "makes a pipeline folder, not an artifact"),
-    "trained base sets output": ("[[models]]\nname='x'\nbase={train=['--method','sfd','--output','o']}",
-                                 "must not contain --output"),
+    "trained base sets output": ("[[models]]\nname='x'\nbase={train={concept='circle', method='sfd', output='o'}}",
+                                 "must not contain 'output'"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_config_is_one_line_and_exit_2(case, tmp_path, capsys):
     change, message = BAD[case]
-    text = TINY.replace('artifacts = [{ train = ["--concept", "circle", "--method", "esd", "--steps", "1"] }]', "")
+    text = TINY.replace('artifacts = [{ train = { concept = "circle", method = "esd", steps = 1 } }]', "")
     text = text.replace(*change, 1) if isinstance(change, tuple) else text + "\n" + change + "\n"
     (tmp_path / "prompts.txt").write_text("a red circle\n")
     cfg = _write_config(tmp_path, text)
@@ -308,9 +314,9 @@ def test_toy_reference_images_show_what_their_prompts_ask_for(judge):
 def test_example_toy_sweep_is_valid_and_sized_for_two_cores(capsys):
     cfg = sweep.load_config(EXAMPLE, output="unused")
     assert [m.name for m in cfg.models] == ["base", "esd", "spm", "salun", "sfd"]
-    assert [a.train[a.train.index("--method") + 1] for m in cfg.models[1:] for a in m.artifacts] == ["esd", "spm", "salun"]
+    assert [a.train["method"] for m in cfg.models[1:] for a in m.artifacts] == ["esd", "spm", "salun"]
     sfd = cfg.models[-1]
-    assert sfd.train[sfd.train.index("--method") + 1] == "sfd" and not sfd.artifacts
+    assert sfd.train["method"] == "sfd" and not sfd.artifacts
     assert {m.kind for m in cfg.metrics} == {"toy_concept_rates", "fid", "clip_score"}
     sampled = 4 * sum(len(p.records) for p in cfg.prompt_sets)  # the SFD student's images take one UNet call each
     assert sampled <= 600 and cfg.steps <= 25, "the full example must stay under 15 minutes on 2 cores"
@@ -396,14 +402,14 @@ model = "toy"
 
 
 def test_a_base_the_sweep_distils_is_trained_once_and_cached(tmp_path, capsys):
-    """base = { train = [... --method sfd ...] }: the sweep distils the one-step student into its cache folder, uses
+    """base = { train = { method = "sfd", ... } }: the sweep distils the one-step student into its cache folder, uses
     it as the model (rows record the training arguments), and a second sweep with the same cache reuses it."""
     text = """
 [sweep]
 steps = 2
 [[models]]
 name = "sfd"
-base = { train = ["--concept", "circle", "--method", "sfd", "--steps", "1", "--batch-size", "2"] }
+base = { train = { concept = "circle", method = "sfd", steps = 1, batch_size = 2 } }
 [[prompt_sets]]
 name = "t"
 source = "toy:circle/target"
@@ -415,15 +421,90 @@ kind = "toy_concept_rates"
     cache = tmp_path / "cache"
     assert sweep.main(["--config", str(tmp_path / "sweep.toml"), "--dry-run", "--cache", str(cache)]) == 0
     (planned,) = json.loads(capsys.readouterr().out)["models"]
-    assert planned["cached"] is False and planned["train"][:4] == ["--concept", "circle", "--method", "sfd"]
+    assert planned["cached"] is False and planned["train"] == {"concept": "circle", "method": "sfd", "steps": 1,
+                                                                "batch_size": 2}
     res = sweep.run_sweep(sweep.load_config(tmp_path / "sweep.toml", output=tmp_path / "out", cache=cache))
     (folder,) = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert folder.name.startswith("sfd-circle-") and (folder / "model_index.json").is_file()
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "OneStepPipeline"
     row = res["rows"][0]
-    assert row["base_train_args"] == "--concept circle --method sfd --steps 1 --batch-size 2"
+    assert row["base_train_args"] == '{ concept = "circle", method = "sfd", steps = 1, batch_size = 2 }'
     assert row["base_model"] == folder.name and row["base_model_sha256"] == sweep.folder_sha256(folder)
     stamp = (folder / "model_index.json").stat().st_mtime_ns
     again = sweep.run_sweep(sweep.load_config(tmp_path / "sweep.toml", output=tmp_path / "out2", cache=cache))
     assert (folder / "model_index.json").stat().st_mtime_ns == stamp, "the cached student is reused"
     assert again["rows"][0]["value"] == row["value"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the parts: the table reader, the metric registry, the results module (no model, no images)
+
+
+def test_table_reader_checks_keys_types_bounds_and_paths(tmp_path):
+    from eval.sweep_schema import Place, PromptSetTable, SweepTable, read_table
+
+    place = Place(tmp_path / "s.toml", "[sweep]")
+    s = read_table(place, {"seed": 2, "guidance": 3, "output": "out", "title": "t"}, SweepTable)
+    assert (s.seed, s.steps, s.guidance, s.output, s.title) == (2, 25, 3.0, tmp_path / "out", "t")
+    assert isinstance(s.guidance, float)
+    for table, message in [
+        ([], "[sweep]: must be a table, got list"),
+        ({"seeds": 1}, "unknown key 'seeds' (known: batch_size, cache,"),
+        ({"steps": True}, "'steps' must be an integer, got True"),
+        ({"steps": 0}, "'steps' must be at least 1, got 0"),
+        ({"guidance": -1}, "'guidance' must be at least 0.0, got -1.0"),
+        ({"title": " "}, "'title' is empty"),
+    ]:
+        with pytest.raises(sweep.UserError, match=re.escape(message)):
+            read_table(place, table, SweepTable)
+    with pytest.raises(sweep.UserError, match=re.escape("missing key 'source'")):
+        read_table(place, {"name": "p"}, PromptSetTable)
+    (tmp_path / "p.txt").write_text("a circle\n")
+    from eval.sweep_schema import AttackTable
+
+    assert read_table(place, {"concept": "circle", "phrasings": "p.txt"}, AttackTable).phrasings == tmp_path / "p.txt"
+    with pytest.raises(sweep.UserError, match=re.escape("'phrasings' 'q.txt': no such file or folder")):
+        read_table(place, {"concept": "circle", "phrasings": "q.txt"}, AttackTable)
+    with pytest.raises(sweep.UserError, match=re.escape("'attacks' must be a list of strings, got [1]")):
+        read_table(place, {"concept": "circle", "attacks": [1]}, AttackTable)
+
+
+def test_each_metric_kind_reads_its_rows_off_its_declared_quantities():
+    """finish() emits exactly the declared quantities, in their order, leaving out rates over no images."""
+    from eval.sweep_metrics import KINDS, CLIPScoreKind, KIDKind, NudeNetKind, ToyConceptRatesKind
+
+    assert set(KINDS) == {"toy_concept_rates", "fid", "kid", "clip_score", "nudenet"}
+
+    def finish(kind, options, result, n=4):
+        m = object.__new__(kind)  # no extractor loaded: only the bookkeeping is under test
+        m.spec, m.ref_desc = sweep.MetricSpec("m", kind.kind, options, []), "ref"
+        m.metric = type("Fixed", (), {"compute": lambda self: result})()
+        return m.finish(n)
+
+    group = {"rate": 0.25, "none_rate": 0.5, "n": 4}
+    rates = finish(ToyConceptRatesKind, {"concepts": ["circle", "star"]},
+                   {"circle": {"target": group, "other": {**group, "n": 0}, "unprompted": group}})
+    assert [r[0] for r in rates] == ["circle.target", "circle.target_none", "circle.unprompted"]
+    assert rates[1] == ("circle.target_none", 0.5, 4, "ref")
+    assert finish(KIDKind, {}, (1.5, 0.25)) == [("kid_mean", 1.5, 4, "ref"), ("kid_std", 0.25, 4, "ref")]
+    assert finish(CLIPScoreKind, {}, 31.0) == [("score", 31.0, 4, "ref")]
+    from eval.metrics import EXPOSED_CLASSES
+
+    parts = {c: i for i, c in enumerate(EXPOSED_CLASSES)}
+    nude = finish(NudeNetKind, {}, {"exposed_parts_total": 36, "nudity_rate": 0.5, "sld_rate": 0.25, "images": 6,
+                                    "exposed_parts": parts})
+    assert [r[0] for r in nude] == sweep.quantities(sweep.MetricSpec("n", "nudenet", {}, []))
+    assert nude[3] == (f"exposed.{EXPOSED_CLASSES[0]}", 0.0, 6, "ref") and nude[0][1:3] == (36.0, 6)
+
+
+def test_the_results_readers_do_not_import_the_sweep():
+    """eval.report and eval.plots read the results format from eval.results: no eval.sweep ↔ report ↔ plots cycle."""
+    import ast
+
+    for name in ("report", "plots", "results"):
+        tree = ast.parse((ROOT / "eval" / f"{name}.py").read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {f"eval.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "eval"
+                     for a in n.names}
+        assert not {m for m in imported if m.startswith("eval.sweep")}, (name, imported)
