@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -229,3 +230,24 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a text file (a run record, a report) atomically (:func:`write_bytes_atomic`)."""
     write_bytes_atomic(path, text.encode())
+
+
+def save_pipeline_folder(pipe, output: str | os.PathLike, metadata: Mapping) -> Path:
+    """A pipeline as a diffusers folder (safetensors weights, ``model_index.json``) plus its ``erasure.json``
+    metadata, atomically: ``save_pretrained`` into a temp sibling, then swapped in, so a folder is never half-written
+    (an existing one is replaced only once the new one is complete)."""
+    output = Path(output)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "erasure.json").write_text(json.dumps(metadata, indent=2, default=str))
+        old = output.with_name(f".{output.name}.old")
+        if output.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            output.rename(old)
+        tmp.rename(output)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output

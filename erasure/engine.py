@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -25,7 +23,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 import pipelines
-from adapters.artifact import load_artifact, save_artifact, write_text_atomic
+from adapters.artifact import load_artifact, save_artifact, save_pipeline_folder, write_text_atomic
 from adapters.errors import UserError
 from adapters.saliency import load_mask
 from erasure import concepts
@@ -212,23 +210,6 @@ def execute(p: Plan) -> Result:
 def record_path(output: Path, folder: bool) -> Path:
     """The run record beside an artifact: ``x.json`` for ``x.safetensors``, ``x.json`` beside a folder ``x``."""
     return output.with_name(output.name + ".json") if folder else output.with_suffix(".json")
-
-
-def save_pipeline_folder(pipe, output: Path, meta: dict) -> None:
-    """``save_pretrained`` into a temp sibling, then swap it in: a folder is never half-written."""
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "erasure.json").write_text(json.dumps(meta, indent=2, default=str))
-        old = output.with_name(f".{output.name}.old")
-        if output.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            output.rename(old)
-        tmp.rename(output)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------

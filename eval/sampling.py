@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from adapters.errors import UserError
+from pipelines.one_step import one_step_latents
 from pipelines.text import encode
 
 
@@ -57,10 +58,9 @@ class Sampler:
         context = torch.cat([uncond, *conds])  # one tensor for every step: transport scores its rows once
         if is_one_step(self.pipe):
             t = int(self.pipe.config.init_timestep)
-            a = self.pipe.scheduler.alphas_cumprod[t].to(self.device, torch.float32)
-            x = (1 - a).sqrt() * z.float()
-            eps = self._composed(x.to(dtype), t, context, [w / self.guidance for w in weights])
-            return (x - (1 - a).sqrt() * eps.float()) / a.sqrt()
+            one_step_weights = [w / self.guidance for w in weights]
+            return one_step_latents(lambda x: self._composed(x.to(dtype), t, context, one_step_weights), z,
+                                    self.pipe.scheduler.alphas_cumprod[t].to(self.device, torch.float32))
         sched = self.pipe.scheduler
         sched.set_timesteps(self.steps)
         z = z * sched.init_noise_sigma

@@ -24,6 +24,14 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 
+def one_step_latents(predict_eps, z: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The one-step map: x = √(1 − ᾱ)·z, x_g = (x − √(1 − ᾱ)·ε(x)) / √ᾱ, with ᾱ = ᾱ_init and ``predict_eps(x)`` the
+    generator's ε at t_init. z (B, C, h, w) → x_g (B, C, h, w), computed in fp32 (the network may run in less)."""
+    a = alpha_bar.float()
+    x = (1 - a).sqrt() * z.float()
+    return (x - (1 - a).sqrt() * predict_eps(x).float()) / a.sqrt()
+
+
 class OneStepPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
@@ -52,10 +60,9 @@ class OneStepPipeline(DiffusionPipeline):
     def generate_latents(self, z: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
         """The generator's clean latents x_g from noise z (B, C, h, w), in fp32 (ᾱ conversions in fp32)."""
         t = int(self.config.init_timestep)
-        a = self.scheduler.alphas_cumprod[t].to(z.device, torch.float32)
-        x = (1 - a).sqrt() * z.float()
-        eps = self.unet(x.to(self.unet.dtype), torch.full((len(z),), t, device=z.device), prompt_embeds).sample
-        return (x - (1 - a).sqrt() * eps.float()) / a.sqrt()
+        timesteps = torch.full((len(z),), t, device=z.device)
+        return one_step_latents(lambda x: self.unet(x.to(self.unet.dtype), timesteps, prompt_embeds).sample, z,
+                                self.scheduler.alphas_cumprod[t].to(z.device, torch.float32))
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt=None, num_images_per_prompt: int = 1,

@@ -36,7 +36,7 @@ from adapters.errors import UserError
 from erasure.config import option
 from erasure.methods.base import Method, add_noise, cfg_eps, ddim_steps, run_metadata
 from erasure.toyworld.models import GUIDANCE
-from pipelines.one_step import OneStepPipeline
+from pipelines.one_step import OneStepPipeline, one_step_latents
 from pipelines.text import encode
 
 
@@ -84,11 +84,8 @@ class SFDConfig:
 
 def one_step(G, z: torch.Tensor, cond: torch.Tensor, abar: torch.Tensor, t_init: int) -> torch.Tensor:
     """x_g = (x − √(1−ᾱ)·G(x, t_init, c)) / √ᾱ with x = √(1−ᾱ)·z. z (B, 4, h, w) → x_g (B, 4, h, w), fp32."""
-    a = abar[t_init]
-    x = (1 - a).sqrt() * z
     t = torch.full((len(z),), t_init, device=z.device)
-    eps = G(x.to(_dtype(G)), t, cond).sample.float()
-    return (x - (1 - a).sqrt() * eps) / a.sqrt()
+    return one_step_latents(lambda x: G(x.to(_dtype(G)), t, cond).sample, z, abar[t_init])
 
 
 def eps_guided(net, x_t, t, cond, uncond, kappa: float) -> torch.Tensor:
