@@ -7,18 +7,16 @@ import hashlib
 import json
 import os
 import platform
-import re
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
 from safetensors import safe_open
 
 from adapters.artifact import package_version, write_text_atomic
 from adapters.errors import UserError
-from erasure.toyworld.paths import PIPELINE_DIR
 from eval.results import VERSIONED_PACKAGES, train_options
+from pipelines.load import resolve_folder
 
 
 def label(source: str) -> str:
@@ -32,39 +30,10 @@ def jsonable(options: dict) -> dict:
             for k, v in options.items()}
 
 
-# A minimal local equivalent of pipelines.load's private _resolve_folder (same rules, same messages): pipelines has
-# no public "model → its diffusers folder" function, and the sweep needs one to check a hub id is cached before it
-# trains anything and to fingerprint the base model without loading it.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def model_folder(model: str) -> Path:
-    """``"toy"`` | local folder | cached hub id → its diffusers folder (with ``model_index.json``), offline."""
-    if model == "toy":
-        folder = Path(PIPELINE_DIR)
-        if not (folder / "model_index.json").is_file():
-            raise UserError(f"the toy-world weights are missing ({folder}): rebuild them with python -m "
-                            "erasure.toyworld.build")
-        return folder
-    path = Path(os.path.expanduser(model))
-    if path.exists():
-        if not path.is_dir():
-            raise UserError(f"model '{path}' is a file, not a diffusers folder (a folder with model_index.json)")
-        if not (path / "model_index.json").is_file():
-            raise UserError(f"'{path}' is not a diffusers folder: it has no model_index.json")
-        return path
-    if not _HUB_ID.match(model):
-        raise UserError(f"model '{model}' not found: no such folder, and not a hub id (owner/name) nor 'toy'")
-    try:
-        folder = Path(snapshot_download(model, local_files_only=True))
-    except (OSError, ValueError):  # LocalEntryNotFoundError is an OSError; a malformed id a ValueError
-        raise UserError(
-            f"model '{model}' is not available locally (offline, or not in the Hugging Face cache): download it "
-            f"where there is internet, or pass a local diffusers folder, e.g. --model /path/to/{model.split('/')[-1]}"
-        ) from None
-    if not (folder / "model_index.json").is_file():
-        raise UserError(f"model '{model}' is cached at {folder} but is not a diffusers pipeline (no model_index.json)")
-    return folder
+    """``"toy"`` | local folder | cached hub id → its diffusers folder (with ``model_index.json``), offline: checks a
+    hub id is cached before anything trains and fingerprints a base model without loading it."""
+    return resolve_folder(model)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

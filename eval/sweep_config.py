@@ -98,7 +98,7 @@ from eval.sweep_schema import (ArtifactSpec, ArtifactTable, AttackSpec, AttackTa
                                ModelSpec, ModelTable, Place, PlotSpec, PlotTable, PromptSetSpec, PromptSetTable,
                                SweepConfig, SweepTable, TopTable, TrainedBaseTable, check_keys, load_toml, read_name,
                                read_table, read_values)
-from pipelines.load import DTYPES, SCHEDULERS
+from pipelines.load import DTYPES, SCHEDULERS, resolve_device
 
 OVERRIDES = ("seed", "steps", "batch_size", "images_per_prompt", "max_prompts", "device")
 
@@ -151,16 +151,8 @@ def _check_runtime(cfg: SweepConfig, file: Path) -> None:
 
 
 def check_device(device: str) -> None:
-    """A device the sweep can use, or a one-line UserError.
-
-    A minimal local equivalent of ``pipelines.load``'s private ``_resolve_device`` (same rules, same message):
-    ``pipelines`` has no public function that checks a device without loading a model."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"unknown device {device!r}: use e.g. cpu, cuda, cuda:1 or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{dev}' asked for, but CUDA is not available on this machine: use --device cpu")
+    """A device the sweep can use, or a one-line UserError (``pipelines.load.resolve_device``'s rules)."""
+    resolve_device(device)
 
 
 def _unique(file: Path, what: str, names: list[str]) -> None:
