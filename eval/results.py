@@ -30,7 +30,8 @@ COLUMNS = (
 
 
 def parse_axis(spec: str) -> tuple[str, str, str | None]:
-    """A plot axis ``NAME.QUANTITY@SET`` / ``NAME@SET`` / ``NAME.QUANTITY`` → (metric, quantity or '', set or None)."""
+    """A plot axis ``NAME.QUANTITY@SET`` / ``NAME@SET`` / ``NAME.QUANTITY`` → (metric, quantity or '', set or
+    None)."""
     key, _, pset = spec.partition("@")
     metric, _, quantity = key.partition(".")
     return metric, quantity, pset or None

@@ -268,7 +268,8 @@ def attack_all(cfg: SweepConfig, infos: dict, env: dict, config_sha256: str, *, 
                 write_text_atomic(cache, json.dumps({"settings": settings, "result": res}, indent=2))
             common = {
                 **row_provenance(cfg, info, env, config_sha256), "prompt_set": "attack", "metric": "attack",
-                "metric_kind": "attack", "metric_protocol": f"eval.attacks, budget {spec.budget}; ASR on evaluation seeds",
+                "metric_kind": "attack",
+                "metric_protocol": f"eval.attacks, budget {spec.budget}; ASR on evaluation seeds",
                 "guidance": guidance,
             }
             rows.append({**common, "quantity": f"{spec.concept}.pre_attack", "value": round(res["pre_attack_rate"], 4),

@@ -5,7 +5,7 @@ Format (every relative path is relative to the config file)::
     [sweep]                      # all optional
     seed = 0                     # image i of a set uses seed + i (rows with their own seed, e.g. I2P, keep it)
     steps = 25                   # sampler steps
-    guidance = 7.5               # CFG scale (default: 5.0 for the toy model, 7.5 otherwise)
+    guidance = 7.5               # CFG scale (default: the toy world's GUIDANCE, 4.0, for the toy model; 7.5 otherwise)
     batch_size = 16
     images_per_prompt = 1
     max_prompts = 100            # keep the first N prompts of every set
@@ -277,7 +277,8 @@ def _cache_key(options: dict, plan) -> tuple[str, str]:
 
 def _read_prompt_sets(file: Path, tables: list, cfg: SweepConfig) -> list[PromptSetSpec]:
     if not tables:
-        raise UserError(f"{file}: no [[prompt_sets]]: name at least one, e.g. name = \"target\" source = \"toy:circle\"")
+        raise UserError(f"{file}: no [[prompt_sets]]: name at least one, e.g. name = \"target\" "
+                        "source = \"toy:circle\"")
     sets = []
     for i, t in enumerate(tables, 1):
         place = Place(file, f"[[prompt_sets]] #{i}")

@@ -133,8 +133,8 @@ class ToyConceptRatesKind(MetricKind):
     def check(cls, place, opts, sets, models):
         non_toy = [p.name for p in sets if not p.is_toy]
         if non_toy:
-            place.fail(f"toy concept rates need toy:… prompt sets, but '{non_toy[0]}' is not one: restrict the metric "
-                       "with prompt_sets = [...]")
+            place.fail(f"toy concept rates need toy:… prompt sets, but '{non_toy[0]}' is not one: restrict the "
+                       "metric with prompt_sets = [...]")
         known = (*data.SHAPES, *data.COLOURS, *data.FILLS)
         concepts = opts.concepts
         if concepts is None:  # the concepts the prompt sets are about: toy:circle/target → circle

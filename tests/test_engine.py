@@ -17,7 +17,6 @@ from erasure.config import option
 from erasure.methods import METHODS
 from erasure.methods.base import Context, Method, run_metadata
 from erasure.methods.salun import SalUn, SalUnConfig
-from erasure.train import main
 from pipelines.testing import save_tiny, tiny_sd_pipeline
 
 
