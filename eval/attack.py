@@ -22,9 +22,17 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
+import pipelines
+from adapters.artifact import load_artifact, write_bytes_atomic
 from adapters.errors import UserError
+from erasure.concepts import TOY_MODEL, resolve
+from erasure.toyworld.models import GUIDANCE as TOY_GUIDANCE
 from eval.attacks import ATTACKS, Target, run_attacks, toy_target
+from eval.metrics import NudeNetCounts, count_exposed, hwc_uint8_images
+from eval.prompts import load_prompts
+from pipelines.load import quiet_loading
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,15 +68,10 @@ def teacher_of(model: str) -> str | None:
 
 
 def build_target(args, pipe, base, base_id: str) -> Target:
-    from erasure.concepts import TOY_MODEL, resolve
-
     concept = resolve(args.concept, TOY_MODEL if base_id == TOY_MODEL else None)
     if concept.is_toy:
         return toy_target(pipe, concept.name, base=base, seed=args.seed)
     _check_real_concept(concept.name, args.phrasings)
-    from eval.metrics import NudeNetCounts, count_exposed, hwc_uint8_images
-    from eval.prompts import load_prompts
-
     texts = [r.text for r in load_prompts(args.phrasings)]
     nudenet = NudeNetCounts()
     nudenet.detector  # noqa: B018 — load it now: a missing extra is a clear error before any generation
@@ -92,8 +95,6 @@ def _check_real_concept(name: str, phrasings) -> None:
 
 def grid_png(images: np.ndarray, hits: Sequence[bool], columns: int = 8) -> bytes:
     """Images in a grid, each framed red where the judge saw the concept, grey where not → PNG bytes."""
-    from PIL import Image
-
     n, h, w = len(images), images.shape[1], images.shape[2]
     rows, pad = max(1, -(-n // columns)), 2
     canvas = np.full((rows * (h + 2 * pad), min(n, columns) * (w + 2 * pad), 3), 255, np.uint8)
@@ -108,9 +109,6 @@ def grid_png(images: np.ndarray, hits: Sequence[bool], columns: int = 8) -> byte
 
 
 def attack_model(args) -> dict:
-    import pipelines
-    from eval.toy import attach_all
-
     names = [n.strip() for n in args.attacks.split(",") if n.strip()]
     unknown = [n for n in names if n not in ATTACKS]
     if unknown or not names:
@@ -119,21 +117,15 @@ def attack_model(args) -> dict:
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"--output {out} exists and is not a folder")
     base_id = args.base_model or teacher_of(args.model) or args.model
-    from erasure.concepts import TOY_MODEL, resolve
-
     concept = resolve(args.concept, TOY_MODEL if base_id == TOY_MODEL else None)  # bad input fails before loading
     if not concept.is_toy:
         _check_real_concept(concept.name, args.phrasings)
-    from adapters.artifact import load_artifact
-
     arts = [load_artifact(a) for a in args.artifact]  # bad files are refused before any model loads
     pipe = pipelines.load(args.model)
-    attach_all(pipe, arts)
+    pipelines.apply(pipe, *arts)
     base = pipelines.load(base_id)
     if args.guidance is None:
-        from erasure.toyworld.models import GUIDANCE
-
-        args.guidance = float(GUIDANCE) if "toy" in (args.model, base_id) else 7.5
+        args.guidance = float(TOY_GUIDANCE) if "toy" in (args.model, base_id) else 7.5
     target = build_target(args, pipe, base, base_id)
     t0 = time.time()
     res = run_attacks(target, names, steps=args.steps, guidance=args.guidance, budget=args.budget,
@@ -143,8 +135,6 @@ def attack_model(args) -> dict:
               "pre_attack_rate": round(res["pre_attack_rate"], 4), "pre_attack_n": len(target.prompts),
               "attacks": {n: r.summary() for n, r in res["attacks"].items()}, "seconds": round(time.time() - t0, 1)}
     if out is not None:
-        from adapters.artifact import write_bytes_atomic
-
         out.mkdir(parents=True, exist_ok=True)
         for n, r in res["attacks"].items():
             if len(r.images):
@@ -165,8 +155,6 @@ def _table(report: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.quiet:
-        from pipelines.load import quiet_loading
-
         quiet_loading()
     try:
         report = attack_model(args)

@@ -24,10 +24,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from PIL import Image
 from tqdm.auto import tqdm
 
-from adapters.artifact import write_bytes_atomic
+import pipelines
+from adapters.artifact import load_artifact, write_bytes_atomic
 from adapters.errors import UserError
+from erasure.toyworld.models import GUIDANCE as TOY_GUIDANCE
+from eval.prompts import PromptRecord, load_prompts
+from pipelines.load import quiet_loading
 
 
 def generate(pipe, prompts: Sequence[str], *, seed: int = 0, steps: int = 25, guidance: float = 7.5,
@@ -77,8 +83,6 @@ def image_name(index: int, total: int) -> str:
 
 def plan(records, *, seed: int = 0, guidance: float = 7.5) -> list[dict]:
     """Records (or plain strings) → one job per image: index, prompt, seed, guidance, file."""
-    from eval.prompts import PromptRecord
-
     recs = [PromptRecord(r) if isinstance(r, str) else r for r in records]
     return [{"index": i, "prompt": r.text, "seed": r.seed if r.seed is not None else seed + i,
              "guidance": float(r.guidance if r.guidance is not None else guidance), "file": image_name(i, len(recs))}
@@ -249,8 +253,6 @@ def _check_output(out: Path) -> None:
 
 def _write_png(path: Path, image: np.ndarray) -> str:
     """Write one image atomically (:func:`adapters.artifact.write_bytes_atomic`); returns the file's sha256."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     data = buf.getvalue()
@@ -318,8 +320,6 @@ def _shards(args, state) -> tuple[int, int]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.quiet:
-        from pipelines.load import quiet_loading
-
         quiet_loading()
     try:
         return _main(args)
@@ -329,13 +329,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    from accelerate import PartialState
-
-    import pipelines
-    from adapters.artifact import load_artifact
-    from eval.prompts import load_prompts
-    from eval.toy import attach_all
-
     records = load_prompts(args.prompts, category=args.category, min_nudity=args.min_nudity, limit=args.limit)
     want_cpu = args.device == "cpu" or not torch.cuda.is_available()
     state = PartialState(cpu=want_cpu)
@@ -352,7 +345,7 @@ def _main(args) -> int:
     if (out / RUN_FILE).exists():  # refuse a mismatched folder before loading the model
         _check_run(out, settings, args.batch_size)
     pipe = pipelines.load(args.model, dtype=args.dtype, device=device, scheduler=args.scheduler)
-    attach_all(pipe, arts)  # a file made for another base model is refused here, before the folder is written to
+    pipelines.apply(pipe, *arts)  # a file made for another base model is refused here, before the folder is written to
     _check_run(_make_folder(out), settings, args.batch_size)
     result = generate_to_folder(pipe, records, args.output, seed=args.seed, steps=args.steps, guidance=guidance,
                                 batch_size=args.batch_size, negative_prompt=args.negative_prompt, shard_index=index,
@@ -367,9 +360,7 @@ def _main(args) -> int:
 
 def _default_guidance(model) -> float:
     if str(model) == "toy":
-        from erasure.toyworld.models import GUIDANCE
-
-        return GUIDANCE
+        return TOY_GUIDANCE
     return 7.5
 
 

@@ -17,14 +17,36 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import pipelines
+from adapters.artifact import load_artifact
 from adapters.errors import UserError
+from erasure import toyworld
+from erasure.concepts import TOY_MODEL, resolve
+from erasure.toyworld.models import GUIDANCE as TOY_GUIDANCE
 from eval.attacks import EVAL_OFFSET, Sampler, is_one_step
+from eval.toy import toy_reference_images
+from pipelines.load import quiet_loading
+
+
+@contextmanager
+def _frozen(module: torch.nn.Module):
+    """``module``'s parameters stop requiring gradients inside the block (the attacker trains the UNet only)."""
+    params = list(module.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 def relearn_loss(pipe, x0: torch.Tensor, cond: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -42,8 +64,6 @@ def relearn(pipe, latents: torch.Tensor, captions: Sequence[str], measure: Calla
             max_steps: int = 200, every: int = 10, lr: float = 1e-4, batch_size: int = 4, threshold: float = 0.5,
             seed: int = 0, progress: bool = False) -> dict:
     """Fine-tune ``pipe.unet`` on (latents, captions) until ``measure(pipe)`` > threshold → the curve and the step."""
-    from eval.attacks import _frozen
-
     sampler = Sampler(pipe)
     cond_all = sampler.embed(list(captions))
     gen = torch.Generator().manual_seed(seed)
@@ -83,13 +103,8 @@ def toy_relearn(pipe, concept: str, *, images: int = 16, measure_prompts: int = 
                 guidance: float | None = None, seed: int = 0, judge=None, **kwargs) -> dict:
     """Relearning on the toy world: ``images`` data images of the concept (drawn for its target prompts and captioned
     with them), the concept rate measured on ``measure_prompts`` of those prompts (one image each, fixed seeds)."""
-    from erasure.toyworld import load_judge
-    from erasure.toyworld import prompts as toy_prompts
-    from erasure.toyworld.models import GUIDANCE
-    from eval.toy import toy_reference_images
-
-    judge = judge or load_judge()
-    records = toy_prompts(concept, seed)["target"]
+    judge = judge or toyworld.load_judge()
+    records = toyworld.prompts(concept, seed)["target"]
     train = [records[i % len(records)] for i in range(images)]
     pixels = torch.from_numpy(toy_reference_images(train, seed + 7)).permute(0, 3, 1, 2).float() / 127.5 - 1
     vae = pipe.vae
@@ -97,7 +112,7 @@ def toy_relearn(pipe, concept: str, *, images: int = 16, measure_prompts: int = 
         latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
     texts = [r.text for r in records[:measure_prompts]]
     seeds = [seed + EVAL_OFFSET + i for i in range(len(texts))]
-    g = float(GUIDANCE) if guidance is None else guidance
+    g = float(TOY_GUIDANCE) if guidance is None else guidance
 
     def measure(p) -> float:
         imgs = Sampler(p, steps=steps, guidance=g, batch_size=64).prompt_images(texts, seeds)
@@ -120,24 +135,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
-        import pipelines
-        from erasure.concepts import TOY_MODEL, resolve
-        from eval.toy import attach_all
-
         if min(args.images, args.max_steps, args.every, args.batch_size) < 1 or args.lr <= 0:
             raise UserError("--images, --max-steps, --every and --batch-size must be ≥ 1 and --lr > 0")
         if not resolve(args.concept, TOY_MODEL).is_toy:
             raise UserError(f"relearning is measured on the toy world; '{args.concept}' is not a toy concept")
-        from adapters.artifact import load_artifact
-
         arts = [load_artifact(a) for a in args.artifact]  # bad files are refused before any model loads
         if args.quiet:
-            from pipelines.load import quiet_loading
-
             quiet_loading()
         t0 = time.time()
         pipe = pipelines.load(args.model)
-        attach_all(pipe, arts)
+        pipelines.apply(pipe, *arts)
         res = toy_relearn(pipe, args.concept, images=args.images, max_steps=args.max_steps, every=args.every,
                           lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     except UserError as e:

@@ -10,9 +10,17 @@ import json
 import sys
 from typing import Sequence
 
+import numpy as np
+
+import pipelines
+from adapters.artifact import Artifact, load_artifact
+from adapters.errors import UserError
+from erasure import toyworld
+from erasure.toyworld import data
 from erasure.toyworld.models import GUIDANCE
 from eval.generate import generate
-from eval.metrics import ConceptRate
+from eval.metrics import FID, ConceptRate, as_uint8_nchw
+from pipelines.load import quiet_loading
 
 
 def _judge_set(pipe, judge, prompts, *, images_per_prompt, seed, steps, guidance, batch_size):
@@ -44,10 +52,8 @@ def fill_confusion(expected, seen) -> dict:
 def base_quality(pipe, judge, *, images_per_prompt: int = 2, seed: int = 0, steps: int = 25, guidance: float = GUIDANCE,
                  batch_size: int = 128) -> dict:
     """Judge-measured quality of a toy pipeline on every shape × colour × fill, aliases, pairs, held-out pairs."""
-    from erasure.toyworld import base_prompts
-
     kw = dict(images_per_prompt=images_per_prompt, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size)
-    sets = base_prompts(seed)
+    sets = toyworld.base_prompts(seed)
     report = {}
     for name in ("single", "held_out"):
         exp, seen, _ = _judge_set(pipe, judge, sets[name], **kw)
@@ -73,10 +79,8 @@ def concept_report(pipe, judge, concept: str, *, images_per_prompt: int = 2, see
     - ``pair_other``: in two-object prompts with the concept, fraction where the other object is present;
       ``pair_target``: where the concept is.
     """
-    from erasure.toyworld import data, prompts
-
     kw = dict(images_per_prompt=images_per_prompt, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size)
-    sets = prompts(concept, seed)
+    sets = toyworld.prompts(concept, seed)
     report = {"concept": concept}
     for name in ("target", "alias"):
         if sets[name]:
@@ -100,26 +104,18 @@ def concept_report(pipe, judge, concept: str, *, images_per_prompt: int = 2, see
 
 def rest_prompts(concepts: Sequence[str], seed: int = 0):
     """Single-object prompts (every shape × colour × fill) that name none of ``concepts``: what must keep working."""
-    from erasure.toyworld import base_prompts
-
-    return [p for p in base_prompts(seed)["single"] if not {p.shapes[0], p.colour, p.fill} & set(concepts)]
+    return [p for p in toyworld.base_prompts(seed)["single"] if not {p.shapes[0], p.colour, p.fill} & set(concepts)]
 
 
 def toy_reference_images(records, seed: int, *, start: int = 0):
     """Toy-world data images for toy prompt records: image i draws what record i asks for (its shapes, and its
     colour / fill where named — in pair prompts read from each half of the text — else random ones), seeded by
     (seed, i) (``start``: the index of ``records[0]``). The toy world's 'real images' for FID / KID."""
-    import numpy as np
-
-    from erasure.toyworld import data
-
     out = []
     for i, rec in enumerate(records, start):
         rng = np.random.default_rng([seed, i])
         shapes = list(rec.shapes)
         if not shapes:
-            from adapters.errors import UserError
-
             raise UserError(f"toy reference images need toy prompt records; {rec.text!r} names no shape")
         if len(shapes) == 2:
             halves = rec.text.split(" and ")
@@ -141,8 +137,6 @@ def toy_reference_images(records, seed: int, *, start: int = 0):
 
 
 def _colour(shape: str, rng) -> str:
-    from erasure.toyworld import data
-
     return str(rng.choice([c for c in data.COLOURS if (shape, c) not in data.HELD_OUT]))
 
 
@@ -154,31 +148,26 @@ def _quality(expected, seen) -> dict:
     }
 
 
-def attach_all(pipe, artifacts: Sequence, similarity: str | None = None, pair_negatives: bool = True,
-               scales: Sequence[float] | None = None) -> None:
-    """Membranes go on together (one facilitated-transport gate per membrane and prompt; ``similarity``: the
-    transport's text similarity, default :data:`pipelines.membranes.SIMILARITY`; ``pair_negatives``: CFG's negative
-    rows take their prompt's γ; ``scales``: each membrane's γ multiplier, in order); other kinds one by one.
-    ``artifacts``: paths or loaded :class:`~adapters.artifact.Artifact` objects."""
-    import pipelines
-    from adapters.artifact import Artifact, load_artifact
+def membrane_scales(artifacts: Sequence, scales: Sequence[float] | None) -> list[float] | None:
+    """One strength per artifact for :func:`pipelines.apply` from ``scales``, one γ multiplier per membrane in
+    artifact order, as ``--scale`` gives them (weight deltas keep strength 1). ``artifacts``: loaded artifacts."""
+    if scales is None:
+        return None
+    n_membranes = sum(a.kind == "membrane" for a in artifacts)
+    if len(scales) != n_membranes:
+        raise UserError(f"{n_membranes} membrane files but {len(scales)} scales")
+    it = iter(scales)
+    return [next(it) if a.kind == "membrane" else 1.0 for a in artifacts]
 
-    arts = [a if isinstance(a, Artifact) else load_artifact(a) for a in artifacts]
-    membranes = [a for a in arts if a.kind == "membrane"]
-    if membranes:
-        pipelines.attach_membranes(pipe, membranes, transport=True,
-                                   similarity=similarity or pipelines.membranes.SIMILARITY,
-                                   pair_negatives=pair_negatives, scales=scales)
-    for a in arts:
-        if a.kind != "membrane":
-            pipelines.apply(pipe, a)
+
+def attach_all(pipe, artifacts: Sequence):
+    """Deprecated: ``pipelines.apply(pipe, *artifacts)``; kept only until ``eval.sweep`` calls that itself."""
+    return pipelines.apply(pipe, *artifacts)
 
 
 def toy_fid(records, images, seed: int = 0) -> float:
     """Toy FID of ``images`` (one per record) against toy-world data images drawn for the same records, on the
     judge's 96-d features (the sweep's ``fid`` metric with ``feature = "toy"``, ``reference = "toy-data"``)."""
-    from eval.metrics import FID, as_uint8_nchw
-
     fid = FID(feature="toy")
     fid.update(as_uint8_nchw(toy_reference_images(records, seed)), real=True)
     fid.update(as_uint8_nchw(images), real=False)
@@ -194,16 +183,13 @@ def erasure_report(model: str, artifacts: Sequence[str], concepts: Sequence[str]
     and the prompts that name none of the concepts (``rest``) — their shape / colour / fill rates, toy FID against
     data images drawn for the same prompts, the ratios to the base, and how far their images moved (mean absolute
     pixel difference, 0–1 scale, same seeds)."""
-    import numpy as np
-
-    import pipelines
-    from erasure.toyworld import load_judge
-
-    judge = judge or load_judge()
+    judge = judge or toyworld.load_judge()
     kw = dict(images_per_prompt=images_per_prompt, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size)
     rest = rest_prompts(concepts, seed)
     pipes = {"base": pipelines.load(model), "erased": pipelines.load(erased_model or model)}
-    attach_all(pipes["erased"], artifacts, similarity, pair_negatives, scales)
+    arts = [a if isinstance(a, Artifact) else load_artifact(a) for a in artifacts]
+    pipelines.apply(pipes["erased"], *arts, scales=membrane_scales(arts, scales), similarity=similarity,
+                    pair_negatives=pair_negatives)
     report = {"concepts": {c: {} for c in concepts}, "rest": {"n_prompts": len(rest)}}
     images = {}
     for which, pipe in pipes.items():
@@ -220,11 +206,6 @@ def erasure_report(model: str, artifacts: Sequence[str], concepts: Sequence[str]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import pipelines
-    from adapters.artifact import load_artifact
-    from adapters.errors import UserError
-    from erasure.toyworld import load_judge, prompts
-
     p = argparse.ArgumentParser(prog="python -m eval.toy", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="toy")
     p.add_argument("--artifact", action="append", default=[], help="artifact(s) to apply first (repeatable)")
@@ -251,18 +232,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no loading progress bars")
     args = p.parse_args(argv)
     if args.quiet:
-        from pipelines.load import quiet_loading
-
         quiet_loading()
     try:
         for concept in args.concept or ():  # bad input is refused before any model is loaded
-            prompts(concept)
+            toyworld.prompts(concept)
         arts = [load_artifact(a) for a in args.artifact]
         n_membranes = sum(a.kind == "membrane" for a in arts)
         if args.scale is not None and len(args.scale) != n_membranes:
             raise UserError(f"--scale given {len(args.scale)} time(s) for {n_membranes} membrane artifact(s): give "
                             "one per membrane, in --artifact order")
-        judge = load_judge()
+        judge = toyworld.load_judge()
         kw = dict(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
         if args.compare:
             if not args.concept:
@@ -276,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.concept and len(args.concept) > 1:
                 raise UserError("several --concept values need --compare")
             pipe = pipelines.load(args.model)
-            attach_all(pipe, arts, args.similarity, args.pair_negatives, args.scale)
+            pipelines.apply(pipe, *arts, scales=membrane_scales(arts, args.scale), similarity=args.similarity,
+                            pair_negatives=args.pair_negatives)
             report = base_quality(pipe, judge, **kw) if args.base else concept_report(pipe, judge, args.concept[0], **kw)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,9 +23,10 @@ def run(steps: int | None, output: Path, images_per_prompt: int) -> dict:
     if train(argv) != 0:
         raise SystemExit(2)
     judge = load_judge()
-    base = concept_report(pipelines.load("toy"), judge, "circle", images_per_prompt=images_per_prompt)
-    erased_pipe = pipelines.apply(pipelines.load("toy"), output)  # the one call for any artifact
-    erased = concept_report(erased_pipe, judge, "circle", images_per_prompt=images_per_prompt)
+    pipe = pipelines.load("toy")
+    base = concept_report(pipe, judge, "circle", images_per_prompt=images_per_prompt)
+    with pipelines.apply(pipe, output):  # the one call for any artifact; taken off again, exactly, after the block
+        erased = concept_report(pipe, judge, "circle", images_per_prompt=images_per_prompt)
     return {k: {"base": base[k]["rate"], "erased": erased[k]["rate"]} for k in base if k != "concept"}
 
 

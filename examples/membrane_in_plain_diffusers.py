@@ -17,11 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionPipeline
+
+from erasure.toyworld import load_judge
+from erasure.toyworld.models import GUIDANCE
+from erasure.toyworld.paths import WEIGHTS_DIR
+from erasure.train import main as train
 
 
 def train_membrane(output: Path, steps: int | None) -> None:
-    from erasure.train import main as train
-
     argv = ["--concept", "circle", "--method", "spm", "--output", str(output), "--quiet"]
     if steps is not None:
         argv += ["--steps", str(steps)]
@@ -31,11 +35,6 @@ def train_membrane(output: Path, steps: int | None) -> None:
 
 def plain_diffusers_images(membrane: Path | None, prompts: list[str], seed: int = 0) -> np.ndarray:
     """Images from a plain diffusers pipeline (the toy world's folder), optionally with the membrane loaded."""
-    from diffusers import StableDiffusionPipeline
-
-    from erasure.toyworld.models import GUIDANCE
-    from erasure.toyworld.paths import WEIGHTS_DIR
-
     pipe = StableDiffusionPipeline.from_pretrained(WEIGHTS_DIR / "pipeline", dtype=torch.float32, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     if membrane is not None:
@@ -45,8 +44,6 @@ def plain_diffusers_images(membrane: Path | None, prompts: list[str], seed: int 
 
 
 def run(steps: int | None, output: Path) -> dict:
-    from erasure.toyworld import load_judge
-
     train_membrane(output, steps)
     prompts = ["a red circle", "a blue circle", "a sun", "a ball", "a green square", "a yellow star"]
     judge = load_judge()

@@ -32,9 +32,11 @@ def run(steps: int | None, folder: Path, images_per_prompt: int) -> dict:
     judge = load_judge()
     report = {"mask": load_mask(mask_file).summary(mask_file)}
     kw = dict(images_per_prompt=images_per_prompt)
-    rates = {"base": concept_report(pipelines.load("toy"), judge, "circle", **kw)}
+    pipe = pipelines.load("toy")
+    rates = {"base": concept_report(pipe, judge, "circle", **kw)}
     for name, artifact in (("salun", salun), ("esd_masked", esd)):
-        rates[name] = concept_report(pipelines.apply(pipelines.load("toy"), artifact), judge, "circle", **kw)
+        with pipelines.apply(pipe, artifact):  # removed exactly after the block: the next one starts from the base
+            rates[name] = concept_report(pipe, judge, "circle", **kw)
     report["rates"] = {k: {m: r[k]["rate"] for m, r in rates.items()} for k in ("target", "alias", "other", "pair_other")}
     return report
 

@@ -60,8 +60,9 @@ def _check_layer(art: Artifact, prefix: str, base, down: torch.Tensor, up: torch
                         f"{tuple(down.shape[1:2])} in the file, {want_out}×{want_in} here")
 
 
-def load_membrane(unet, art: Artifact, name: str) -> list[str]:
-    """Validate ``art`` against ``unet`` and attach it as membrane ``name`` → the layer paths it covers."""
+def check_membrane(unet, art: Artifact) -> dict[str, dict[str, torch.Tensor]]:
+    """Validate ``art`` against ``unet`` without changing it → {layer path: its tensors}. A file made for another
+    base model (fingerprint, a layer this UNet lacks, other shapes) is a one-line :class:`UserError`."""
     paths = membrane.kohya_to_paths(unet)
     targets = membrane.target_layers(unet)
     groups = _groups(art)
@@ -73,19 +74,30 @@ def load_membrane(unet, art: Artifact, name: str) -> list[str]:
         if prefix not in paths:
             raise UserError(f"{art.path}: made for another base model: this UNet has no layer '{prefix}'")
         _check_layer(art, prefix, targets[paths[prefix]], parts["lora_down.weight"], parts["lora_up.weight"])
-    for prefix, parts in groups.items():
+    return {paths[prefix]: parts for prefix, parts in groups.items()}
+
+
+def _attach_checked(unet, layers: dict[str, dict[str, torch.Tensor]], name: str) -> None:
+    """Attach membrane ``name`` with the tensors :func:`check_membrane` returned."""
+    for path, parts in layers.items():
         rank = parts["lora_down.weight"].shape[0]
         alpha = float(parts.get("alpha", torch.tensor(float(rank))))  # kohya: no alpha means alpha = rank
-        branch = membrane.attach(unet, name, rank=rank, alpha=alpha, layers=[paths[prefix]])[paths[prefix]]
+        branch = membrane.attach(unet, name, rank=rank, alpha=alpha, layers=[path])[path]
         with torch.no_grad():
             branch.lora_down.weight.copy_(parts["lora_down.weight"])
             branch.lora_up.weight.copy_(parts["lora_up.weight"])
-    return [paths[p] for p in groups]
+
+
+def load_membrane(unet, art: Artifact, name: str) -> list[str]:
+    """Validate ``art`` against ``unet`` and attach it as membrane ``name`` → the layer paths it covers."""
+    layers = check_membrane(unet, art)
+    _attach_checked(unet, layers, name)
+    return list(layers)
 
 
 @dataclass
 class AttachedMembranes:
-    """Membranes attached to a pipeline; ``detach()`` restores the original modules."""
+    """Membranes attached to a pipeline; ``detach()`` restores the original modules (a second call does nothing)."""
 
     pipe: object
     names: list[str]
@@ -97,6 +109,7 @@ class AttachedMembranes:
             self.transport.remove()
         for n in self.names:
             membrane.detach(self.pipe.unet, n)
+        self.names = []
 
 
 SIMILARITY = "flat"  # facilitated transport's default text similarity (adapters.transport)
@@ -111,33 +124,47 @@ def _concept(pipe, name: str, prompts: list[str], scale: float, special: set[int
     return MembraneConcept(name, hidden.flatten(1), [set(i) - special for i in ids], scale, eos)
 
 
-def _unique_name(unet, stem: str) -> str:
-    taken, name, k = set(membrane.membrane_names(unet)), stem, 1
+def _unique_name(unet, stem: str, taken: set[str]) -> str:
+    """``stem``, or ``stem_2``, ``stem_3``, … if a membrane of that name is on ``unet`` or in ``taken``."""
+    taken, name, k = taken | set(membrane.membrane_names(unet)), stem, 1
     while name in taken:
         k += 1
         name = f"{stem}_{k}"
     return name
 
 
+def _load(file: str | os.PathLike | Artifact) -> Artifact:
+    art = file if isinstance(file, Artifact) else load_artifact(file, kind="membrane", allow_missing_metadata=True)
+    if art.metadata and art.kind != "membrane":
+        raise UserError(f"{art.path}: is a {art.kind} artifact, expected membrane")
+    return art
+
+
 def attach_membranes(pipe, files: Sequence[str | os.PathLike | Artifact], *, transport: bool = True,
-                     scales: Sequence[float] | None = None, similarity: str = SIMILARITY,
+                     scales: Sequence[float] | None = None, similarity: str | None = SIMILARITY,
                      pair_negatives: bool = True) -> AttachedMembranes:
-    """Attach membrane files to ``pipe.unet``. With ``transport`` each membrane's γ is set per prompt from the text
-    similarity to its concept (facilitated transport; ``similarity``: ``"eos"`` or ``"flat"``; ``pair_negatives``:
-    CFG's negative rows take their prompt's γ — see :mod:`adapters.transport`); without, γ is fixed at ``scales``
-    (default 1 each)."""
+    """Attach membrane files to ``pipe.unet``, all together. With ``transport`` each membrane's γ is set per prompt
+    from the text similarity to its concept, times its scale (facilitated transport; ``similarity``: ``"eos"`` or
+    ``"flat"``, None: :data:`SIMILARITY`; ``pair_negatives``: CFG's negative rows take their prompt's γ — see
+    :mod:`adapters.transport`); without, γ is fixed at ``scales`` (default 1 each).
+
+    Every file is validated before anything is attached: a file made for another base model is a one-line
+    :class:`UserError` and the pipeline is left untouched. :func:`pipelines.apply` is the one call for any mix of
+    artifacts; this is what it does with membranes."""
     scales = list(scales) if scales is not None else [1.0] * len(files)
     if len(scales) != len(files):
         raise UserError(f"{len(files)} membrane files but {len(scales)} scales")
+    similarity = similarity or SIMILARITY
     if similarity not in ("eos", "flat"):
         raise UserError(f"similarity must be 'eos' or 'flat', not {similarity!r}")
+    arts = [_load(f) for f in files]
+    checked = [check_membrane(pipe.unet, art) for art in arts]  # all of them, before anything changes
     names, prompts = [], {}
-    arts = [f if isinstance(f, Artifact) else load_artifact(f, kind="membrane", allow_missing_metadata=True) for f in files]
-    for art in arts:
+    for art, layers in zip(arts, checked):
         if not art.metadata:
             warnings.warn(f"{art.path}: no concept-erasure metadata (an original SPM file?); loaded by its shapes")
-        name = _unique_name(pipe.unet, art.path.stem.replace(".", "_"))
-        load_membrane(pipe.unet, art, name)
+        name = _unique_name(pipe.unet, art.path.stem.replace(".", "_"), set(names))
+        _attach_checked(pipe.unet, layers, name)
         names.append(name)
         prompts[name] = _prompts(art)
     handle = AttachedMembranes(pipe, names, prompts=prompts)

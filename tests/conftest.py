@@ -51,7 +51,9 @@ def circle_reports(judge, esd_circle, base_circle_report):
     import pipelines
     from eval.toy import concept_report
 
-    erased = concept_report(pipelines.apply(pipelines.load("toy"), esd_circle), judge, "circle", images_per_prompt=2)
+    pipe = pipelines.load("toy")
+    pipelines.apply(pipe, esd_circle)
+    erased = concept_report(pipe, judge, "circle", images_per_prompt=2)
     return base_circle_report, erased
 
 
@@ -62,7 +64,9 @@ def _erase_and_report(tmp_path_factory, judge, name, argv):
 
     out = tmp_path_factory.mktemp(name) / f"circle-{name}.safetensors"
     assert main(["--concept", "circle", "--output", str(out), "--quiet", *argv]) == 0
-    report = concept_report(pipelines.apply(pipelines.load("toy"), out), judge, "circle", images_per_prompt=2)
+    pipe = pipelines.load("toy")
+    pipelines.apply(pipe, out)
+    report = concept_report(pipe, judge, "circle", images_per_prompt=2)
     return out, report
 
 

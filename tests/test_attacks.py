@@ -158,7 +158,8 @@ def test_relearning_counts_steps_until_the_concept_returns(esd_circle, judge):
 
     base = toy_relearn(pipelines.load("toy"), "circle", judge=judge, measure_prompts=8, max_steps=4, every=2)
     assert base["steps_to_relearn"] == 0 and base["curve"][0][1] > 0.5
-    erased = pipelines.apply(pipelines.load("toy"), esd_circle)
+    erased = pipelines.load("toy")
+    pipelines.apply(erased, esd_circle)
     w0 = {k: v.clone() for k, v in erased.unet.state_dict().items()}
     res = toy_relearn(erased, "circle", judge=judge, measure_prompts=8, max_steps=4, every=2, lr=1e-4)
     steps = [s for s, _ in res["curve"]]

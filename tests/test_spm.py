@@ -110,7 +110,7 @@ def test_apply_attaches_and_detach_restores(sd_folder, membrane_file):
     handle.detach()
     assert abs(_image(pipe) - base).max() < 1e-6
     applied = pipelines.apply(pipelines.load(sd_folder), membrane_file[1])
-    assert membrane.membrane_names(applied.unet) == ["dog-visible"]
+    assert membrane.membrane_names(applied.pipe.unet) == ["dog-visible"]
 
 
 def test_transport_gives_each_row_its_own_gate(sd_folder, membrane_file):
