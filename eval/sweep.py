@@ -33,7 +33,6 @@ import re
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import torch
@@ -55,7 +54,6 @@ from eval.sweep_config import load_config
 from eval.sweep_metrics import chunks, image_folder, images_on_disk, measure, quantities
 from eval.sweep_schema import (ArtifactSpec, AttackSpec, MetricSpec, ModelSpec, PlotSpec, PromptSetSpec,
                                SweepConfig)
-from eval.toy import attach_all
 from pipelines.load import quiet_loading
 
 __all__ = ["load_config", "run_sweep", "main", "plan_summary", "quantities", "parse_axis", "environment",
@@ -96,8 +94,8 @@ def _log(quiet: bool, msg: str) -> None:
 def _load(cfg: SweepConfig, m: ModelSpec, *, base: str | None = None, artifacts: bool = True):
     """Model ``m`` (or the pipeline ``base``) on the sweep's device, with its artifacts on."""
     pipe = pipelines.load(base or m.base, dtype=cfg.dtype, device=cfg.device, scheduler=cfg.scheduler)
-    if artifacts:  # TODO(issue 29 point 4): pipelines.apply once it takes several artifacts
-        attach_all(pipe, [str(a.path) for a in m.artifacts])
+    if artifacts:
+        pipelines.apply(pipe, *[str(a.path) for a in m.artifacts])
     return pipe
 
 
@@ -137,7 +135,7 @@ def check_artifacts_fit(cfg: SweepConfig) -> None:
         if not files or _complete(cfg, m):
             continue
         pipe = pipelines.load(m.base, dtype=cfg.dtype)  # on the CPU: only the shapes matter
-        attach_all(pipe, files)
+        pipelines.apply(pipe, *files)
         del pipe
         gc.collect()
 
@@ -232,9 +230,7 @@ def _attack_model(cfg: SweepConfig, spec: AttackSpec, m: ModelSpec, guidance: fl
                   quiet: bool) -> dict:
     pipe = _load(cfg, m)
     base = pipe if not m.artifacts and base_id == m.base else _load(cfg, m, base=base_id, artifacts=False)
-    # eval.attack.build_target reads its command line's namespace (concept, seed, phrasings)
-    target = build_target(SimpleNamespace(concept=spec.concept, seed=cfg.seed, phrasings=spec.phrasings), pipe, base,
-                          base_id)
+    target = build_target(spec.concept, pipe, base, base_id, seed=cfg.seed, phrasings=spec.phrasings)
     res = run_attacks(target, spec.attacks, steps=cfg.steps, guidance=guidance, budget=spec.budget,
                       batch_size=cfg.batch_size, progress=not quiet)
     return {"pre_attack_rate": res["pre_attack_rate"], "pre_attack_n": len(target.prompts),

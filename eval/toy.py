@@ -130,7 +130,7 @@ def toy_reference_images(records, seed: int, *, start: int = 0):
         else:
             colour = rec.colour or _colour(shapes[0], rng)
             fill = rec.fill or str(rng.choice(data.FILLS))
-            objs = [data._single_obj(shapes[0], colour, fill, rng)]
+            objs = [data.single_obj(shapes[0], colour, fill, rng)]
         bg = data.BACKGROUNDS[rng.integers(len(data.BACKGROUNDS))]
         out.append(data.render(data.Scene(objs, bg, rec.text), rng))
     return np.stack(out)
@@ -158,11 +158,6 @@ def membrane_scales(artifacts: Sequence, scales: Sequence[float] | None) -> list
         raise UserError(f"{n_membranes} membrane files but {len(scales)} scales")
     it = iter(scales)
     return [next(it) if a.kind == "membrane" else 1.0 for a in artifacts]
-
-
-def attach_all(pipe, artifacts: Sequence):
-    """Deprecated: ``pipelines.apply(pipe, *artifacts)``; kept only until ``eval.sweep`` calls that itself."""
-    return pipelines.apply(pipe, *artifacts)
 
 
 def toy_fid(records, images, seed: int = 0) -> float:

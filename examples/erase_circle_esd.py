@@ -10,18 +10,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import erasure
 import pipelines
 from erasure.toyworld import load_judge
-from erasure.train import main as train
 from eval.toy import concept_report
 
 
 def run(steps: int | None, output: Path, images_per_prompt: int) -> dict:
-    argv = ["--concept", "circle", "--method", "esd", "--output", str(output), "--quiet"]
-    if steps is not None:
-        argv += ["--steps", str(steps)]
-    if train(argv) != 0:
-        raise SystemExit(2)
+    erasure.erase("circle", method="esd", output=str(output), steps=steps, quiet=True)  # steps None: the default
     judge = load_judge()
     pipe = pipelines.load("toy")
     base = concept_report(pipe, judge, "circle", images_per_prompt=images_per_prompt)

@@ -19,18 +19,14 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
+import erasure
 from erasure.toyworld import load_judge
 from erasure.toyworld.models import GUIDANCE
 from erasure.toyworld.paths import WEIGHTS_DIR
-from erasure.train import main as train
 
 
 def train_membrane(output: Path, steps: int | None) -> None:
-    argv = ["--concept", "circle", "--method", "spm", "--output", str(output), "--quiet"]
-    if steps is not None:
-        argv += ["--steps", str(steps)]
-    if train(argv) != 0:
-        raise SystemExit(2)
+    erasure.erase("circle", method="spm", output=str(output), steps=steps, quiet=True)  # steps None: the default
 
 
 def plain_diffusers_images(membrane: Path | None, prompts: list[str], seed: int = 0) -> np.ndarray:

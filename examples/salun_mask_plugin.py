@@ -11,24 +11,20 @@ import sys
 import tempfile
 from pathlib import Path
 
+import erasure
 import pipelines
 from adapters.saliency import load_mask
 from erasure.toyworld import load_judge
-from erasure.train import main as train
 from eval.toy import concept_report
 
 
 def run(steps: int | None, folder: Path, images_per_prompt: int) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    budget = ["--steps", str(steps)] if steps is not None else []
-    salun = folder / "circle-salun.safetensors"
-    if train(["--concept", "circle", "--method", "salun", "--output", str(salun), "--quiet", *budget]) != 0:
-        raise SystemExit(2)
+    salun = erasure.erase("circle", method="salun", output=str(folder / "circle-salun.safetensors"), steps=steps,
+                          quiet=True).artifact  # steps None: the default
     mask_file = folder / "circle-salun.mask.safetensors"  # written beside the artifact
-    esd = folder / "circle-esd-masked.safetensors"
-    if train(["--concept", "circle", "--method", "esd", "--mask", str(mask_file), "--output", str(esd), "--quiet",
-              *budget]) != 0:
-        raise SystemExit(2)
+    esd = erasure.erase("circle", method="esd", mask=str(mask_file), output=str(folder / "circle-esd-masked.safetensors"),
+                        steps=steps, quiet=True).artifact
     judge = load_judge()
     report = {"mask": load_mask(mask_file).summary(mask_file)}
     kw = dict(images_per_prompt=images_per_prompt)

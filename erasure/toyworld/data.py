@@ -265,7 +265,6 @@ def single_obj(shape, colour, fill, rng) -> Obj:
     return Obj(shape, colour, fill, float(cx), float(cy), float(r))
 
 
-_background, _single_obj = background, single_obj  # the old private names, until eval/toy.py uses the public ones
 
 
 def sample_single(rng: np.random.Generator) -> Scene:
