@@ -28,9 +28,8 @@ Differences from the original code, on purpose:
   (the same tensor is passed every step). Under CFG a negative row takes its prompt's γ (``pair_negatives``, the
   default), so one γ per prompt acts in both branches, as in the SPM code. Scored by its own text instead
   (``pair_negatives=False``), the empty negative prompt keeps a membrane open in the unconditional branch for every
-  prompt (about 0.9 under ``"flat"``; the striped membrane 0.92 under ``"eos"``), a change CFG amplifies by w − 1:
-  measured on the toy world, the circle membrane then keeps less of the pairs (0.75 vs 0.80) and a stack under
-  ``"eos"`` moves unrelated images three times as much (README, "SPM").
+  prompt, a change CFG amplifies by w − 1: on the toy world the circle membrane then keeps less of the pairs and a
+  stack moves unrelated images more (measured in the README, "Measured on the toy world").
 - Rows the text encoder did not produce (``prompt_embeds`` passed in directly) are scored by s_f alone.
 """
 

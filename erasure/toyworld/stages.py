@@ -221,7 +221,7 @@ def refine_unet(cfg: BuildConfig, vae, images: np.ndarray, scenes, out: Path, th
                 round_: int = 0) -> dict:
     """Stage 2b (``round_`` 0) and 2c (rounds 1, 2, …): keep training the UNet from its saved weights with the text
     encoder frozen; each round has its own warm-up + cosine schedule and a fresh EMA. Text conditioning of every
-    distinct caption is computed once, so a step costs the UNet alone (~1.5× faster than the joint stage). The
+    distinct caption is computed once, so a step costs the UNet alone (faster than the joint stage). The
     rounds of stage 2c are what bring the fill style up to the bar (README, "Base world")."""
     threads.all()
     if round_ == 0:
