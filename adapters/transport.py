@@ -8,15 +8,14 @@ their training prompts); s_t = |T(c) ∩ T(p)| / |T(c)| is the overlap of their 
 membrane with several targets takes the max over them. Two ways to compare hidden states (``similarity``):
 
 - ``"flat"`` — all 77 positions flattened into one vector, as the SPM code does. Every short prompt shares the
-  padding positions, so unrelated prompts still score high (toy world, against "circle" / "red" / "striped": 0.77 /
-  0.80 / 0.82 on average over the 90 single-object prompts naming none of them) and a membrane stays mostly open
-  for them; prompts that imply the concept without naming it score higher (circle's aliases: 0.90).
+  padding positions, so unrelated prompts still score high and a membrane stays mostly open for them; prompts that
+  imply the concept without naming it score higher still.
 - ``"eos"`` — the state at the end-of-text token, the encoder's summary of the prompt (CLIP's pooled output):
-  unrelated prompts score low (0.11 / 0.20 / 0.13 on the same prompts), but so do many aliases (circle's: 0.53, from
-  0.01 to 0.89), which are then erased less. Rows the text encoder did not produce fall back to ``"flat"``.
+  unrelated prompts score low, but so do many aliases, which are then erased less. Rows the text encoder did not
+  produce fall back to ``"flat"``.
 
-Measured on the toy world (README, "SPM"): one membrane erases its aliases best under ``"flat"``; several stacked
-keep the prompts that name none of them intact only under ``"eos"``.
+On the toy world one membrane erases its aliases best under ``"flat"``; several stacked keep the prompts that name
+none of them intact only under ``"eos"`` (the similarities and rates: README, "Measured on the toy world").
 
 Differences from the original code, on purpose:
 

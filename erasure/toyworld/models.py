@@ -21,8 +21,8 @@ LATENT_SIZE = 8  # the VAE downsamples 4×: 32×32×3 → 8×8×4
 TEXT_WIDTH = 64  # CLIP text width = UNet cross_attention_dim
 
 # The toy world's evaluation CFG scale. Measured on the committed world (README, "Base world"; 2 images per prompt):
-# at 4.0 every base bar holds with margin (shape 0.96, fill 0.99); 5.0 draws the same fills but loses shapes to blur
-# (0.946), and SD's customary 7.5 over-saturates this small model's images.
+# at 4.0 every base bar holds with margin; 5.0 draws the same fills but loses shapes to blur, and SD's customary 7.5
+# over-saturates this small model's images (README, "Measured on the toy world").
 GUIDANCE = 4.0
 
 # SD v1's noise schedule (scaled_linear 0.00085 → 0.012, 1000 steps).
