@@ -52,7 +52,18 @@ _REFUSED = {
     "data_cache": "is a cache of generated training data, not something to apply to a pipeline",
 }
 
-# pipe → its handles not yet removed, oldest first (weakly: a pipeline that is dropped takes its handles with it)
+
+
+@dataclass(eq=False)
+class _Record:
+    """What the order check needs of a handle, without a reference to the pipeline (so that a pipeline with handles
+    still on it can be garbage-collected): the weights it saved (the handle's own dict) and its files' names."""
+
+    saved: dict
+    files: str
+
+
+# pipe → records of its handles not yet removed, oldest first (a dropped handle's record stays: it never comes off)
 _LIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -121,6 +132,7 @@ class Applied:
     membranes: AttachedMembranes | None = None
     _saved: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)  # (component, weight) → before apply
     _premerge: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)  # … → before merge()
+    _record: _Record | None = field(default=None, repr=False)
     _removed: bool = False
 
     @property
@@ -128,10 +140,10 @@ class Applied:
         """False once :meth:`remove` has run."""
         return not self._removed
 
-    def _later_overlap(self, keys) -> Applied | None:
+    def _later_overlap(self, keys) -> _Record | None:
         live = _LIVE.get(self.pipe, [])
-        later = live[live.index(self) + 1:] if self in live else []
-        return next((h for h in later if h._saved.keys() & set(keys)), None)
+        later = live[live.index(self._record) + 1:] if self._record in live else []
+        return next((r for r in later if r.saved.keys() & set(keys)), None)
 
     def _copy(self, keys) -> dict[tuple[str, str], torch.Tensor]:
         """The current values of weights ``keys`` ((component, name) pairs), copied to the CPU."""
@@ -185,8 +197,8 @@ class Applied:
     def _refuse_if_later(self, action: str, keys) -> None:
         later = self._later_overlap(keys)
         if later is not None:
-            raise RuntimeError(f"cannot {action}: a later pipelines.apply ({', '.join(a.path.name for a in later.artifacts)}) "
-                               f"changed the same weights; remove it first (last on, first off)")
+            raise RuntimeError(f"cannot {action}: a later pipelines.apply ({later.files}) changed the same weights; "
+                               f"remove it first (last on, first off)")
 
     def remove(self) -> None:
         """Detach the membranes and their transport hooks and put every changed weight back as it was, bit for bit.
@@ -201,8 +213,8 @@ class Applied:
         self._saved, self._premerge = {}, {}
         self._removed = True
         live = _LIVE.get(self.pipe, [])
-        if self in live:
-            live.remove(self)
+        if self._record in live:
+            live.remove(self._record)
 
     def __enter__(self) -> Applied:
         return self
@@ -252,7 +264,8 @@ def apply(pipe, *artifacts: str | os.PathLike | Artifact, scale: float = 1.0, sc
     if mem:
         handle.membranes = attach_membranes(pipe, [a for a, _ in mem], transport=transport, scales=[s for _, s in mem],
                                             similarity=similarity, pair_negatives=pair_negatives)
-    _LIVE.setdefault(pipe, []).append(handle)
+    handle._record = _Record(handle._saved, ", ".join(a.path.name for a in arts))
+    _LIVE.setdefault(pipe, []).append(handle._record)
     return handle
 
 
