@@ -40,7 +40,6 @@ from adapters.errors import UserError, user_errors
 from erasure import toyworld
 from eval.sampling import Sampler, frozen, is_one_step
 
-_frozen = frozen  # the old private name, until eval/relearn.py imports `frozen`
 
 Judge = Callable[[np.ndarray], list[bool]]  # uint8 images (N, H, W, 3) → concept present, per image
 

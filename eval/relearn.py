@@ -17,7 +17,6 @@ import argparse
 import json
 import sys
 import time
-from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import numpy as np
@@ -30,23 +29,9 @@ from adapters.errors import UserError
 from erasure import toyworld
 from erasure.concepts import TOY_MODEL, resolve
 from erasure.toyworld.models import GUIDANCE as TOY_GUIDANCE
-from eval.attacks import EVAL_OFFSET, Sampler, is_one_step
+from eval.attacks import EVAL_OFFSET, Sampler, frozen, is_one_step
 from eval.toy import toy_reference_images
 from pipelines.load import quiet_loading
-
-
-@contextmanager
-def _frozen(module: torch.nn.Module):
-    """``module``'s parameters stop requiring gradients inside the block (the attacker trains the UNet only)."""
-    params = list(module.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
 
 
 def relearn_loss(pipe, x0: torch.Tensor, cond: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -76,7 +61,7 @@ def relearn(pipe, latents: torch.Tensor, captions: Sequence[str], measure: Calla
     found = 0 if curve[0][1] > threshold else None
     bar = tqdm(total=max_steps, desc="relearn", disable=not progress)
     step = 0
-    with _frozen(pipe.text_encoder):
+    with frozen(pipe.text_encoder):
         while found is None and step < max_steps:
             pipe.unet.train()
             idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
