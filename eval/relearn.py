@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import pipelines
 from adapters.artifact import load_artifact
-from adapters.errors import UserError
+from adapters.errors import UserError, user_errors
 from erasure import toyworld
 from erasure.concepts import TOY_MODEL, resolve
 from erasure.toyworld.models import GUIDANCE as TOY_GUIDANCE
@@ -130,8 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.time()
         pipe = pipelines.load(args.model)
         pipelines.apply(pipe, *arts)
-        res = toy_relearn(pipe, args.concept, images=args.images, max_steps=args.max_steps, every=args.every,
-                          lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+        with user_errors(FileNotFoundError):  # missing toy-world weights: one line, exit 2
+            res = toy_relearn(pipe, args.concept, images=args.images, max_steps=args.max_steps, every=args.every,
+                              lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, ClassVar, Sequence
 
-from adapters.errors import UserError
+from adapters.errors import UserError, user_errors
 from erasure.toyworld import data, load_judge
 from erasure.toyworld.paths import CLIP_PATH, JUDGE_PATH
 from eval.generate import read_manifest
@@ -154,7 +154,8 @@ class ToyConceptRatesKind(MetricKind):
 
     def setup(self):
         thr = self.spec.options["threshold"]
-        self.judge = load_judge(threshold=thr)
+        with user_errors(FileNotFoundError):  # missing toy-world weights: one line, exit 2
+            self.judge = load_judge(threshold=thr)
         self.info.update(metric_protocol="toy judge: sigmoid presence of shapes / colours / fills per image",
                          metric_threshold=thr, metric_weights_sha256=file_sha256(JUDGE_PATH),
                          metric_version=f"toy judge ({Path(JUDGE_PATH).name})")

@@ -14,7 +14,7 @@ import numpy as np
 
 import pipelines
 from adapters.artifact import Artifact, load_artifact
-from adapters.errors import UserError
+from adapters.errors import UserError, user_errors
 from erasure import toyworld
 from erasure.toyworld import data
 from erasure.toyworld.models import GUIDANCE
@@ -229,14 +229,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quiet:
         quiet_loading()
     try:
-        for concept in args.concept or ():  # bad input is refused before any model is loaded
-            toyworld.prompts(concept)
+        with user_errors(toyworld.NotAToyConcept, FileNotFoundError):  # the toy world's own errors → one line, exit 2
+            for concept in args.concept or ():  # bad input is refused before any model is loaded
+                toyworld.prompts(concept)
+            judge = toyworld.load_judge()
         arts = [load_artifact(a) for a in args.artifact]
         n_membranes = sum(a.kind == "membrane" for a in arts)
         if args.scale is not None and len(args.scale) != n_membranes:
             raise UserError(f"--scale given {len(args.scale)} time(s) for {n_membranes} membrane artifact(s): give "
                             "one per membrane, in --artifact order")
-        judge = toyworld.load_judge()
         kw = dict(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
         if args.compare:
             if not args.concept:
