@@ -79,7 +79,7 @@ def test_attacks_find_the_concept_in_the_base_model(base_results):
     res = base_results["attacks"]
     assert base_results["pre_attack_rate"] >= 0.9
     # kept phrasings are those the base model drew as the concept in ≥ 50 % of the screening images, so on the base
-    # model itself the ASR is not 1 (measured on the current world: 3 of 4 images, the novel phrasing 1 of 2)
+    # model itself the ASR is not 1
     assert res["alias_search"].asr >= 0.6 and res["alias_search"].details["kept"] >= 1
     assert res["unlearndiffatk"].asr >= 0.5
     for r in res.values():
@@ -105,8 +105,7 @@ def test_ring_a_bell_vector_moves_benign_prompts_towards_the_concept(toy, judge)
     none = RingABell(etas=(0.0,), prompts=8, images=1).run(t, s)
     strong = RingABell(prompts=8, images=1).run(t, s)  # η chosen on search seeds, as the attack runs
     assert none.asr <= 0.25  # the benign prompts ("a red square") alone rarely show a circle
-    # measured: η 2 0.62 (16 prompts × 2 images: 0.62), η 3 0.12 (0.25), η 5 0.12 (0.06), none 0.00 (0.03) —
-    # too far along v the embedding leaves the text manifold and the images break up
+    # η is chosen on search seeds: too far along v the embedding leaves the text manifold and the images break up
     assert strong.details["eta"] > 0 and strong.asr >= none.asr + 0.25, strong.details
 
 

@@ -27,7 +27,7 @@ def _train(out: Path, *extra) -> subprocess.Popen:
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-@pytest.mark.slow  # three toy trainings in subprocesses (≈ 50 s)
+@pytest.mark.slow  # three toy trainings in subprocesses
 def test_sigkill_during_training_then_resume_is_bit_identical(tmp_path):
     full = tmp_path / "full.safetensors"
     assert _train(full).wait(timeout=300) == 0
