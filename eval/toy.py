@@ -229,27 +229,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quiet:
         quiet_loading()
     try:
-        with user_errors(toyworld.NotAToyConcept, FileNotFoundError):  # the toy world's own errors → one line, exit 2
-            for concept in args.concept or ():  # bad input is refused before any model is loaded
+        with user_errors(toyworld.NotAToyConcept):  # the toy world's own errors → one line, exit 2
+            for concept in args.concept or ():  # bad input is refused before any model or judge is loaded
                 toyworld.prompts(concept)
-            judge = toyworld.load_judge()
+        if args.compare and not args.concept:
+            raise UserError("--compare needs --concept (one per erased concept)")
+        if not args.compare and args.erased_model:
+            raise UserError("--erased-model needs --compare (it is compared with --model)")
+        if not args.compare and args.concept and len(args.concept) > 1:
+            raise UserError("several --concept values need --compare")
         arts = [load_artifact(a) for a in args.artifact]
         n_membranes = sum(a.kind == "membrane" for a in arts)
         if args.scale is not None and len(args.scale) != n_membranes:
             raise UserError(f"--scale given {len(args.scale)} time(s) for {n_membranes} membrane artifact(s): give "
                             "one per membrane, in --artifact order")
+        with user_errors(FileNotFoundError):  # the toy world's missing weights → one line, exit 2
+            judge = toyworld.load_judge()
         kw = dict(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
         if args.compare:
-            if not args.concept:
-                raise UserError("--compare needs --concept (one per erased concept)")
             report = erasure_report(args.model, arts, args.concept, judge, erased_model=args.erased_model,
                                     similarity=args.similarity, pair_negatives=args.pair_negatives,
                                     scales=args.scale, **kw)
         else:
-            if args.erased_model:
-                raise UserError("--erased-model needs --compare (it is compared with --model)")
-            if args.concept and len(args.concept) > 1:
-                raise UserError("several --concept values need --compare")
             pipe = pipelines.load(args.model)
             pipelines.apply(pipe, *arts, scales=membrane_scales(arts, args.scale), similarity=args.similarity,
                             pair_negatives=args.pair_negatives)
