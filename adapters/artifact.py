@@ -251,3 +251,30 @@ def save_pipeline_folder(pipe, output: str | os.PathLike, metadata: Mapping) -> 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
+
+
+class SpilledTensors(Mapping):
+    """Tensors kept in a temporary ``.safetensors`` file instead of memory, read back one at a time (e.g. the exact
+    fp32 originals θ₀ of a mixed-precision fine-tune, needed only for the final θ − θ₀). The file lives in a hidden
+    temporary folder inside ``folder`` (not /tmp, which may be memory) and is removed with this object or at exit."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], folder: str | os.PathLike):
+        self._dir = tempfile.TemporaryDirectory(dir=folder, prefix=".spill-")
+        self.path = Path(self._dir.name) / "tensors.safetensors"
+        safetensors.torch.save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(self.path))
+        self._keys = list(tensors)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def close(self) -> None:
+        self._dir.cleanup()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 
 from adapters.errors import UserError
+from erasure.optim import OPTIMIZERS
 
 
 def option(default, help: str, **kw):
@@ -35,7 +36,17 @@ class TrainConfig:
     batch_size: int | None = option(None, "prompts per step (default: the method's)")
     mask: str | None = option(None, "saliency mask (.safetensors, e.g. from a salun run) confining fine-tuning (esd, "
                               "salun) to its weights; salun computes one when absent")
-    mixed_precision: str = option("no", "accelerate mixed precision", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = option("no", "mixed precision through accelerate: autocast, and every frozen network (text "
+                                  "encoder, VAE, the UNet's untrained weights, SFD's teacher) held in this dtype; what "
+                                  "trains keeps fp32 master weights. fp16 needs CUDA", choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = option(False, "recompute the trained networks' activations during the backward pass "
+                                          "instead of storing them (less memory, slower steps)")
+    optimizer: str = option("adam", "optimiser: 'adam' (the method's own Adam / AdamW, as its paper), 'factored' (Adam "
+                            "with a factored second moment: a state of rows + columns per weight matrix, any device), "
+                            "'adam8bit' (bitsandbytes, CUDA)", choices=OPTIMIZERS)
+    use_8bit_adam: bool = option(False, "bitsandbytes' 8-bit Adam (CUDA; the cuda extra): the same as --optimizer adam8bit")
+    allow_tf32: bool = option(False, "allow TF32 matmuls on Ampere or newer GPUs (faster, less precise; SFD otherwise "
+                              "turns TF32 off, as SiD)")
     device: str | None = option(None, "device (default: CUDA when available, else CPU)")
     attention: str = option("sdpa", "attention backend", choices=("sdpa", "xformers"))
     checkpoint_every: int = option(100, "steps between resumable checkpoints (0: never)")

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from erasure.concepts import Concept
 from erasure.config import TrainConfig, resolve_method_config
 from erasure.methods import METHODS
 from erasure.methods.base import Context, Method
+from erasure.optim import import_bitsandbytes
 
 # run options that only steer the command line, never the training
 _CLI_ONLY = ("dry_run",)
@@ -107,6 +109,10 @@ def plan(concept: str, method: str = "spm", options: dict | None = None) -> Plan
         options["prompts"] = "|".join(options["prompts"])
     options = {k: _check_type(k, run_fields.get(k) or method_fields[k], v, method) for k, v in options.items()}
     run = TrainConfig(concept=concept, method=method, **{k: v for k, v in options.items() if k in run_fields})
+    if run.use_8bit_adam:
+        if run.optimizer not in ("adam", "adam8bit"):
+            raise UserError(f"--use-8bit-adam and --optimizer {run.optimizer} contradict each other: give one")
+        run.optimizer, run.use_8bit_adam = "adam8bit", False
     if run.mask and not cls.maskable:
         maskable = ", ".join(n for n, m in METHODS.items() if m.maskable)
         raise UserError(f"--mask confines weight fine-tuning ({maskable}); --method {method} trains an adapter")
@@ -152,7 +158,38 @@ def _accelerator(run: TrainConfig) -> tuple[Accelerator, str]:
     device = run.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if run.mixed_precision == "fp16" and not device.startswith("cuda"):
         raise UserError("--mixed-precision fp16 needs a CUDA device; use bf16 on the CPU")
+    if run.optimizer == "adam8bit":
+        if not device.startswith("cuda"):
+            raise UserError("--use-8bit-adam needs a CUDA device; on the CPU, --optimizer factored keeps a compact "
+                            "optimiser state")
+        import_bitsandbytes()
     return Accelerator(mixed_precision=run.mixed_precision, cpu=device == "cpu"), device
+
+
+WEIGHT_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def apply_levers(method: Method, run: TrainConfig) -> None:
+    """The memory levers that act on a built method: frozen networks in the mixed-precision dtype, and gradient
+    checkpointing on the networks it trains."""
+    dtype = WEIGHT_DTYPES[run.mixed_precision]
+    if dtype is not None:
+        method.cast_frozen(dtype)
+    if run.gradient_checkpointing:
+        for module in method.trained_modules():
+            module.enable_gradient_checkpointing()
+
+
+@contextmanager
+def tf32(allow: bool):
+    """``--allow-tf32``: TF32 matmuls and convolutions while the run trains; the caller's settings afterwards."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if allow:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def mask_path(output: Path) -> Path:
@@ -185,24 +222,31 @@ def execute(p: Plan) -> Result:
     t0 = time.time()
     pipe = pipelines.load(run.model, device=device, attention=run.attention)
     ctx = Context(seed=run.seed, model_id=run.model, accelerator=accelerator,
-                  quiet=run.quiet or not sys.stderr.isatty())
+                  quiet=run.quiet or not sys.stderr.isatty(), optimizer=run.optimizer, allow_tf32=run.allow_tf32,
+                  scratch=str(output.parent))
     method = p.method(pipe, p.concept, p.config, ctx)
-    _use_mask(method, run, output)
-    history = fit(method, steps=p.config.steps, output=output, seed=run.seed, accelerator=accelerator,
-                  checkpoint_every=run.checkpoint_every, resume=run.resume, quiet=run.quiet)
-    record = {"artifact": str(output), "seconds": round(time.time() - t0, 1),
-              "final_loss": history[-1] if history else None, "config": asdict(run),
-              "method_config": asdict(p.config), "loss": history, "processes": accelerator.num_processes,
-              **method.summary()}
-    if accelerator.is_main_process:
-        result, meta, extra = method.artifact(run.model)
-        meta["run"] = {k: v for k, v in asdict(run).items() if k not in _NOT_RECORDED}
-        if p.folder:
-            save_pipeline_folder(result, output, meta)
-        else:
-            save_artifact(output, result, meta, extra_strings=extra)
-        checkpoint_path(output).unlink(missing_ok=True)
-        write_text_atomic(record_path(output, p.folder), json.dumps(record, indent=2))
+    try:
+        apply_levers(method, run)
+        with accelerator.autocast():
+            _use_mask(method, run, output)
+        with tf32(run.allow_tf32):
+            history = fit(method, steps=p.config.steps, output=output, seed=run.seed, accelerator=accelerator,
+                          checkpoint_every=run.checkpoint_every, resume=run.resume, quiet=run.quiet)
+        record = {"artifact": str(output), "seconds": round(time.time() - t0, 1),
+                  "final_loss": history[-1] if history else None, "config": asdict(run),
+                  "method_config": asdict(p.config), "loss": history, "processes": accelerator.num_processes,
+                  **method.summary()}
+        if accelerator.is_main_process:
+            result, meta, extra = method.artifact(run.model)
+            meta["run"] = {k: v for k, v in asdict(run).items() if k not in _NOT_RECORDED}
+            if p.folder:
+                save_pipeline_folder(result, output, meta)
+            else:
+                save_artifact(output, result, meta, extra_strings=extra)
+            checkpoint_path(output).unlink(missing_ok=True)
+            write_text_atomic(record_path(output, p.folder), json.dumps(record, indent=2))
+    finally:
+        method.close()
     accelerator.wait_for_everyone()
     return Result(output, record)
 

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -38,6 +39,7 @@ import pipelines
 from adapters import membrane
 from adapters.artifact import write_text_atomic
 from adapters.errors import UserError
+from eval import bench_memory as training_memory
 from erasure.toyworld.models import GUIDANCE
 from pipelines.one_step import OneStepPipeline
 from pipelines.testing import sd1_shaped_pipeline
@@ -327,8 +329,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size", type=int, help="sd1 one-step timing: image side in pixels (default 512; a multiple of 8)")
     p.add_argument("--output", help="also write the JSON report here")
     p.add_argument("--peak-memory", choices=("inference", "train"), help=argparse.SUPPRESS)
+    m = p.add_argument_group("training memory (--memory): one full-size training step per method, each in a fresh "
+                             "process, at fp32 and with the memory levers (models: tiny, sd1, sdxl)")
+    m.add_argument("--memory", action="store_true", help="run the training-memory bench instead of the speed ratios")
+    m.add_argument("--methods", default=",".join(training_memory.METHODS), help="comma-separated (default: all)")
+    m.add_argument("--levers", default=",".join(training_memory.LEVERS), help="lever sets: fp32, levers (default: both)")
+    m.add_argument("--cache", help="folder of the saved random pipelines (default ~/.cache/erasure/bench-models)")
+    m.add_argument("--limit-gb", type=float, help="stop a case whose memory passes this (default: 90%% of RAM)")
     args = p.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.memory:
+        return _memory_main(args, models)
     bad = [m for m in models if m not in ("toy", "sd1")]
     if bad or not models:
         print(f"error: unknown bench model(s) {bad or args.models!r}: use toy and/or sd1", file=sys.stderr)
@@ -349,6 +360,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output:
         try:
             write_text_atomic(args.output, text + "\n")
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def _memory_main(args, models: list[str]) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    levers = [m.strip() for m in args.levers.split(",") if m.strip()]
+    for given, allowed, what in ((models, training_memory.MODELS, "model"), (methods, training_memory.METHODS, "method"),
+                                 (levers, tuple(training_memory.LEVERS), "lever set")):
+        bad = [x for x in given if x not in allowed]
+        if bad or not given:
+            print(f"error: unknown --memory {what}(s) {bad or given!r}: choose from {', '.join(allowed)}", file=sys.stderr)
+            return 2
+    report = training_memory.bench(models, methods, Path(args.cache) if args.cache else None, args.limit_gb, levers)
+    text = json.dumps(report, indent=2)
+    print(text)
+    print(training_memory.table(report))
+    if args.output:
+        try:
+            write_text_atomic(args.output, text + "\n")
+            write_text_atomic(Path(args.output).with_suffix(".md"), training_memory.table(report))
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -176,3 +176,31 @@ def sd1_shaped_pipeline(seed: int = 0):
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def sdxl_shaped_pipeline(seed: int = 0):
+    """A full-size, randomly initialised ``StableDiffusionXLPipeline`` with SDXL's architecture (2.6 B UNet with
+    transformer depths 1/2/10, CLIP ViT-L and OpenCLIP ViT-bigG text encoders, 1024×1024 images, 128×128×4 latents):
+    for memory and speed measurements only."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        sample_size=1024, scaling_factor=0.13025)
+    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                  pad_token_id=49407)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                        num_attention_heads=12, hidden_act="quick_gelu", **common))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                                        num_attention_heads=20, projection_dim=1280, hidden_act="gelu",
+                                                        **common))
+    unet = UNet2DConditionModel(
+        sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(320, 640, 1280),
+        layers_per_block=2, transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+        use_linear_projection=True, cross_attention_dim=2048, addition_embed_type="text_time",
+        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    pipe = StableDiffusionXLPipeline(vae=vae.eval(), text_encoder=text.eval(), text_encoder_2=text_2.eval(),
+                                     tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet.eval(),
+                                     scheduler=_scheduler(), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -27,9 +27,10 @@ from typing import Any, ClassVar
 import torch
 from diffusers import DDIMScheduler
 
-from adapters.artifact import module_fingerprint
+from adapters.artifact import SpilledTensors, module_fingerprint
 from adapters.errors import UserError
 from adapters.saliency import SaliencyMask
+from erasure.optim import make_optimizer
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class Context:
     model_id: str = ""
     accelerator: Any = None
     quiet: bool = True
+    optimizer: str = "adam"  # the method's own Adam / AdamW, or a memory lever (erasure.optim)
+    allow_tf32: bool = False  # the user allowed TF32 matmuls (SFD otherwise turns them off, as SiD)
+    scratch: str | None = None  # a folder for temporary files (spilled originals); default: the working folder
 
 
 def check_trainable_pipeline(pipe) -> None:
@@ -79,7 +83,31 @@ class Method(ABC):
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The optimisers, by name (the checkpoint's key prefix). Default: Adam over ``params``, no weight decay."""
-        return {"opt": torch.optim.Adam(self.params.values(), lr=self.config.lr)}
+        return {"opt": self.make_optimizer(self.params.values(), lr=self.config.lr)}
+
+    def make_optimizer(self, params, **hyper) -> torch.optim.Optimizer:
+        """The run's kind of optimiser (``--optimizer``: the paper's Adam / AdamW, factored, 8-bit) with the method's
+        hyper-parameters (``lr``, ``betas``, ``eps``, ``weight_decay``, ``decoupled`` for AdamW)."""
+        return make_optimizer(self.ctx.optimizer, params, **hyper)
+
+    # -- memory levers: the engine calls these after construction ------------------------------------------------
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Networks whose frozen weights mixed precision holds in half precision: the UNet's untrained weights and
+        the text encoder(s) and VAE, idle once the method is built."""
+        p = self.pipe
+        return [m for m in (p.unet, getattr(p, "text_encoder", None), getattr(p, "text_encoder_2", None), p.vae)
+                if m is not None]
+
+    def cast_frozen(self, dtype: torch.dtype) -> None:
+        """Mixed precision: every frozen weight in ``dtype``; what trains (``params``) stays fp32 (the master
+        weights)."""
+        trained = {id(p) for p in getattr(self, "params", {}).values()}
+        for module in self.frozen_modules():
+            cast_frozen(module, dtype, keep=trained)
+
+    def trained_modules(self) -> list[torch.nn.Module]:
+        """The networks gradients flow through (gradient checkpointing is enabled on them)."""
+        return [self.unet]
 
     def train_step(self, gen: torch.Generator, optimizers: dict, accelerator, step: int) -> float | dict:
         """Hook: one training iteration → its logged loss(es). Default: one loss, one backward, one step of the
@@ -91,7 +119,8 @@ class Method(ABC):
             raise UserError(f"{self.name}: the loss became {loss.item()} at step {step}; lower --lr")
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
-        opt.step()
+        optimizer_step(accelerator, opt)
+        opt.zero_grad(set_to_none=True)  # gradients are not kept between steps
         return round(loss.item(), 6)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -112,6 +141,32 @@ class Method(ABC):
     def summary(self) -> dict:
         """Extra entries for the run record (e.g. the saliency mask in use)."""
         return {}
+
+    def close(self) -> None:
+        """Remove the run's temporary files (the engine calls this when the run ends, also on failure)."""
+
+
+def optimizer_step(accelerator, opt: torch.optim.Optimizer) -> None:
+    """``opt.step()``, through accelerate's gradient scaler when fp16 mixed precision scaled the loss."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None:
+        opt.step()
+        return
+    scaler.step(opt)  # unscales, skips the step on inf / NaN gradients
+    scaler.update()
+
+
+def cast_frozen(module: torch.nn.Module, dtype: torch.dtype, keep: set[int] = frozenset()) -> None:
+    """Cast ``module``'s floating parameters and buffers to ``dtype`` in place, except the parameters whose ``id``
+    is in ``keep`` (the trained ones) and the buffers of modules holding any of those (a membrane's alpha)."""
+    for m in module.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if id(p) not in keep and p.is_floating_point():
+                p.data = p.data.to(dtype)
+        trains = any(id(p) in keep for p in m.parameters())
+        for name, b in m.named_buffers(recurse=False):
+            if b.is_floating_point() and not trains:
+                m._buffers[name] = b.to(dtype)
 
 
 def run_metadata(method: Method, kind: str, model_id: str, fingerprint: str, **extra) -> dict:
@@ -194,6 +249,7 @@ class FineTuneMethod(Method):
     can confine them, and the artifact is θ − θ₀ of the shipped ones."""
 
     maskable = True
+    uses_reference: ClassVar[bool] = True  # its loss runs the frozen model θ₀ (ESD); SalUn's does not
 
     def __init__(self, pipe, concept, config, ctx: Context):
         super().__init__(pipe, concept, config, ctx)
@@ -207,6 +263,7 @@ class FineTuneMethod(Method):
             p.requires_grad_(True)
         # the frozen originals θ₀ of the trainable weights (the rest of the UNet is shared, never copied)
         self.original = {n: p.detach().clone() for n, p in self.params.items()}
+        self.reference = self.original  # what frozen() runs: θ₀, or θ₀ in half precision under mixed precision
         self.mask: SaliencyMask | None = None
         self.mask_source: str | None = None
 
@@ -220,7 +277,14 @@ class FineTuneMethod(Method):
 
     def frozen(self):
         """Context: the UNet with its original weights θ₀ (the frozen reference model)."""
-        return swapped(self.unet, self.original)
+        return swapped(self.unet, self.reference)
+
+    def cast_frozen(self, dtype: torch.dtype) -> None:
+        """Mixed precision: besides the frozen networks, the frozen reference θ₀ runs in ``dtype`` (when the loss
+        uses it), and the exact fp32 θ₀ that the final θ − θ₀ needs waits on disk, not in memory."""
+        super().cast_frozen(dtype)
+        self.reference = {n: v.to(dtype) for n, v in self.original.items()} if self.uses_reference else {}
+        self.original = SpilledTensors(self.original, self.ctx.scratch or ".")
 
     def use_mask(self, mask: SaliencyMask, source: str | None = None) -> None:
         """Confine training to the mask's weights (a SalUn saliency mask as a plug-in): gradients are gated by hooks,
@@ -234,6 +298,10 @@ class FineTuneMethod(Method):
         for n, p in self.params.items():
             p.register_hook(lambda g, n=n: self.mask.gate(n, g))
 
+    def close(self) -> None:
+        if isinstance(self.original, SpilledTensors):
+            self.original.close()
+
     def shipped_names(self) -> list[str]:
         """The parameters the artifact carries: all trained ones, or with a mask those it keeps any weight of."""
         if self.mask is None:
@@ -242,7 +310,8 @@ class FineTuneMethod(Method):
 
     def delta(self) -> dict[str, torch.Tensor]:
         """θ − θ₀ of the shipped parameters; with a mask, exactly 0 outside it."""
-        out = {n: (self.params[n].detach() - self.original[n]).to(torch.float32) for n in self.shipped_names()}
+        out = {n: (self.params[n].detach().float() - self.original[n].to(self.params[n].device).float())
+               for n in self.shipped_names()}
         return {n: self.mask.gate(n, d) for n, d in out.items()} if self.mask is not None else out
 
     def artifact(self, model_id: str) -> tuple[dict, dict, None]:

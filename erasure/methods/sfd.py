@@ -23,7 +23,7 @@ N processes follow a 1-process run with the same global batch.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 from dataclasses import dataclass
 
@@ -202,8 +202,15 @@ class SFD(Method):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The generator's and the fake score's Adam (SiD / SFD: β₁ = 0), as named in checkpoints."""
         cfg, betas = self.config, (0.0, 0.999)
-        return {"opt_g": torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=betas, eps=1e-8),
-                "opt_fake": torch.optim.Adam(self.fake.parameters(), lr=cfg.lr_fake, betas=betas, eps=1e-8)}
+        return {"opt_g": self.make_optimizer(self.G.parameters(), lr=cfg.lr, betas=betas, eps=1e-8),
+                "opt_fake": self.make_optimizer(self.fake.parameters(), lr=cfg.lr_fake, betas=betas, eps=1e-8)}
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Only the teacher: the text encoder and VAE go into the student pipeline at their own precision."""
+        return [self.teacher]
+
+    def trained_modules(self) -> list[torch.nn.Module]:
+        return [self.G, self.fake]
 
     def _regression_pairs(self) -> dict:
         """Noise → teacher sample pairs for the regression term, drawn once from the run's seed (so a resumed run
@@ -334,6 +341,7 @@ class SFD(Method):
         if clip:
             torch.nn.utils.clip_grad_value_(params, 1.0)
         opt.step()
+        opt.zero_grad(set_to_none=True)  # one network's gradients at a time
 
     # -- the fit loop's hooks ------------------------------------------------------------------------------------
     def loss(self, gen: torch.Generator) -> torch.Tensor:
@@ -342,7 +350,7 @@ class SFD(Method):
     def train_step(self, gen, optimizers: dict, accelerator, step: int) -> dict:
         """``fake_steps`` fake-score updates, one generator update, the EMA → {"fake", "generator"} losses."""
         cfg = self.config
-        with no_tf32():
+        with nullcontext() if self.ctx.allow_tf32 else no_tf32():
             lf = sum(self._fake_step(gen, optimizers["opt_fake"]) for _ in range(cfg.fake_steps)) / cfg.fake_steps
             lg = self._generator_step(gen, optimizers["opt_g"])
             self._update_ema(step)

@@ -188,7 +188,8 @@ class SPM(Method):
 
     # -- what the training loop needs -----------------------------------------------------------------------------
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"opt": torch.optim.AdamW(self.params.values(), lr=self.config.lr, weight_decay=1e-2)}  # SPM: AdamW, wd 1e-2
+        # SPM: AdamW, weight decay 1e-2
+        return {"opt": self.make_optimizer(self.params.values(), lr=self.config.lr, weight_decay=1e-2, decoupled=True)}
 
     def artifact(self, model_id: str) -> tuple[dict, dict, dict]:
         """Kohya-keyed membrane tensors, our metadata, and the original release's three header strings."""
