@@ -32,7 +32,7 @@ from adapters import membrane
 from adapters.errors import UserError
 from erasure.config import option
 from erasure.methods.base import Method, ddim_sampler, partial_ddim, run_metadata
-from pipelines.text import encode
+from pipelines.text import denoise, encode, token_rows, with_tokens
 
 @dataclass
 class SPMConfig:
@@ -151,7 +151,8 @@ class SPM(Method):
         cfg = self.config
         parts = [] if cfg.anchor_source == "captions" else [self.empty]
         if cfg.anchor_source in ("random", "both"):
-            parts.append(random_anchors(target, cfg.anchor_samples, gen))
+            tokens = random_anchors(token_rows(target, self.unet), cfg.anchor_samples, gen)
+            parts.append(with_tokens(tokens, self.empty, self.unet))  # SDXL: the empty prompt's packed rows
         if self.anchor_prompts is not None:
             idx = torch.randint(len(self.anchor_prompts), (cfg.anchor_samples,), generator=gen)
             parts.append(self.anchor_prompts[idx])
@@ -179,10 +180,10 @@ class SPM(Method):
         tb, ta = t.expand(len(tar)).to(z.device), t.expand(len(anc)).to(z.device)
         self._on(False)
         with torch.no_grad():
-            eps = self.unet(torch.cat([z, z, za]), torch.cat([tb, tb, ta]), torch.cat([tar, sur, anc])).sample
+            eps = denoise(self.unet, torch.cat([z, z, za]), torch.cat([tb, tb, ta]), torch.cat([tar, sur, anc]))
             eps_tar, eps_sur, eps_anc = eps.split([len(tar), len(tar), len(anc)])
         self._on(True)
-        out = self.unet(torch.cat([z, za]), torch.cat([tb, ta]), torch.cat([tar, anc])).sample
+        out = denoise(self.unet, torch.cat([z, za]), torch.cat([tb, ta]), torch.cat([tar, anc]))
         spm_tar, spm_anc = out.split([len(tar), len(anc)])
         return erase_loss(spm_tar, eps_tar, eps_sur, eta).mean() + cfg.anchor_weight * anchor_loss(spm_anc, eps_anc).mean()
 
