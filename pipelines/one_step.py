@@ -26,7 +26,7 @@ from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-from pipelines.text import denoise, pack, time_ids
+from pipelines.text import denoise, encode
 
 
 def one_step_latents(predict_eps, z: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -51,11 +51,11 @@ class OneStepPipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     def _encode(self, prompts: list[str], size: tuple[int, int] | None = None) -> torch.Tensor:
-        if self.text_encoder_2 is not None:  # SDXL: its pipeline's encoding (a method that uses only the encoders)
-            embeds, _, pooled, _ = StableDiffusionXLPipeline.encode_prompt(
-                self, prompts, device=self.text_encoder_2.device, num_images_per_prompt=1,
-                do_classifier_free_guidance=False)
-            return pack(embeds, pooled, time_ids(self, len(prompts), size).to(embeds.device))
+        if self.text_encoder_2 is not None:  # SDXL: its own pipeline over these modules (shared, not copied)
+            sdxl = StableDiffusionXLPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                             text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+                                             unet=self.unet, scheduler=self.scheduler, add_watermarker=False)
+            return encode(sdxl, prompts, size)
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
