@@ -257,7 +257,7 @@ def sgm_path(path: str, unet: nn.Module) -> str:
 
 def uses_sgm_keys(unet: nn.Module) -> bool:
     """SDXL UNets (``text_time`` added conditioning): their membranes are saved under SGM-layout keys."""
-    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+    return getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
 
 
 def kohya_prefix(path: str, unet: nn.Module | None = None) -> str:

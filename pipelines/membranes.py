@@ -4,9 +4,9 @@
     image = pipe("a red circle").images[0]
     handle.detach()                                                               # the original pipeline again
 
-Files use the kohya / SD-WebUI keys of the original SPM release (``lora_unet_<path>.lora_down.weight``, ...), so
-membranes made by the original code load here (with a warning when they lack this toolkit's metadata), and ours load
-in plain diffusers with ``pipe.load_lora_weights(path)``.
+Files use the kohya / SD-WebUI keys of the original SPM release (``lora_unet_<path>.lora_down.weight``, ...; SDXL:
+kohya's SGM-layout names, ``lora_unet_input_blocks_4_1_…``), so membranes made by the original code load here (with a
+warning when they lack this toolkit's metadata), and ours load in plain diffusers with ``pipe.load_lora_weights(path)``.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def pack(tokens: torch.Tensor, pooled: torch.Tensor, ids: torch.Tensor) -> torch
 
 def is_packed(unet) -> bool:
     """Whether ``unet`` takes SDXL's added conditioning (and so packed text conditioning)."""
-    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+    return getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
 
 
 def _pooled_width(unet) -> int:
