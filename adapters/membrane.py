@@ -238,7 +238,33 @@ def unmerge(unet: nn.Module, names: Iterable[str] | None = None) -> None:
 # kohya / SD-WebUI key naming (the original SPM release): lora_unet_<path with . → _>.lora_down.weight, ...
 
 
-def kohya_prefix(path: str) -> str:
+def sgm_path(path: str, unet: nn.Module) -> str:
+    """A diffusers UNet layer path in the original SGM / LDM layout that kohya sd-scripts and SD-WebUI name SDXL
+    layers by; diffusers maps it back in ``_maybe_map_sgm_blocks_to_diffusers``. With L = ``layers_per_block``:
+    ``down_blocks.i.attentions.j`` → ``input_blocks.{1 + i(L+1) + j}.1``, ``mid_block.attentions.0`` →
+    ``middle_block.1``, ``up_blocks.i.attentions.j`` → ``output_blocks.{i(L+1) + j}.1``; the rest of the path (inside
+    the transformer block) is the same in both layouts."""
+    n = unet.config.layers_per_block + 1
+    parts = path.split(".")
+    if parts[0] == "mid_block" and parts[1] == "attentions":
+        return ".".join(["middle_block", "1", *parts[3:]])
+    if parts[0] in ("down_blocks", "up_blocks") and parts[2] == "attentions":
+        i, j = int(parts[1]), int(parts[3])
+        head = ["input_blocks", str(1 + i * n + j)] if parts[0] == "down_blocks" else ["output_blocks", str(i * n + j)]
+        return ".".join([*head, "1", *parts[4:]])
+    raise ValueError(f"no SGM name for UNet layer {path!r} (only transformer-block layers have one here)")
+
+
+def uses_sgm_keys(unet: nn.Module) -> bool:
+    """SDXL UNets (``text_time`` added conditioning): their membranes are saved under SGM-layout keys."""
+    return getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
+
+
+def kohya_prefix(path: str, unet: nn.Module | None = None) -> str:
+    """The kohya key prefix of a UNet layer path: ``lora_unet_`` + the path with . → _, in the SGM layout
+    (:func:`sgm_path`) for an SDXL ``unet`` as kohya and SD-WebUI write SDXL LoRAs, else in the diffusers layout."""
+    if unet is not None and uses_sgm_keys(unet):
+        path = sgm_path(path, unet)
     return "lora_unet_" + path.replace(".", "_")
 
 
@@ -247,7 +273,7 @@ def state_dict(unet: nn.Module, name: str) -> dict[str, torch.Tensor]:
     out = {}
     for path, layer in membrane_layers(unet).items():
         if name in layer.membranes:
-            b, key = layer.membranes[name], kohya_prefix(path)
+            b, key = layer.membranes[name], kohya_prefix(path, unet)
             out[f"{key}.lora_down.weight"] = b.lora_down.weight.detach()
             out[f"{key}.lora_up.weight"] = b.lora_up.weight.detach()
             out[f"{key}.alpha"] = b.alpha.detach()
@@ -255,8 +281,12 @@ def state_dict(unet: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def kohya_to_paths(unet: nn.Module) -> dict[str, str]:
-    """kohya prefix → dotted path, for every target layer of this UNet (the mapping is not invertible by text)."""
-    return {kohya_prefix(p): p for p in target_layers(unet)}
+    """kohya prefix → dotted path, for every target layer of this UNet (the mapping is not invertible by text).
+    SDXL UNets accept both the SGM-layout keys they are saved with and the diffusers-layout keys of older files."""
+    out = {kohya_prefix(p): p for p in target_layers(unet)}
+    if uses_sgm_keys(unet):
+        out.update({kohya_prefix(p, unet): p for p in target_layers(unet)})
+    return out
 
 
 def layers_fingerprint(unet: nn.Module) -> str:

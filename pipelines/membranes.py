@@ -4,9 +4,9 @@
     image = pipe("a red circle").images[0]
     handle.detach()                                                               # the original pipeline again
 
-Files use the kohya / SD-WebUI keys of the original SPM release (``lora_unet_<path>.lora_down.weight``, ...), so
-membranes made by the original code load here (with a warning when they lack this toolkit's metadata), and ours load
-in plain diffusers with ``pipe.load_lora_weights(path)``.
+Files use the kohya / SD-WebUI keys of the original SPM release (``lora_unet_<path>.lora_down.weight``, ...; SDXL:
+kohya's SGM-layout names, ``lora_unet_input_blocks_4_1_…``), so membranes made by the original code load here (with a
+warning when they lack this toolkit's metadata), and ours load in plain diffusers with ``pipe.load_lora_weights(path)``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from adapters import membrane
 from adapters.artifact import Artifact, load_artifact
 from adapters.errors import UserError
 from adapters.transport import MembraneConcept, Transport
-from pipelines.text import encode
+from pipelines.text import encode, token_rows
 
 
 def _groups(art: Artifact) -> dict[str, dict[str, torch.Tensor]]:
@@ -118,7 +118,7 @@ SIMILARITY = "flat"  # facilitated transport's default text similarity (adapters
 def _concept(pipe, name: str, prompts: list[str], scale: float, special: set[int]) -> MembraneConcept:
     """What transport needs of one membrane: its prompts' hidden states, token sets and end-of-text states."""
     tok = pipe.tokenizer
-    hidden = encode(pipe, prompts)
+    hidden = token_rows(encode(pipe, prompts), pipe.unet)  # what the UNet's cross-attention sees (SDXL: unpacked)
     ids = [tok(p, truncation=True, max_length=tok.model_max_length).input_ids for p in prompts]
     eos = torch.stack([h[i.index(tok.eos_token_id) if tok.eos_token_id in i else len(i) - 1] for h, i in zip(hidden, ids)])
     return MembraneConcept(name, hidden.flatten(1), [set(i) - special for i in ids], scale, eos)

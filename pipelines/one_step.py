@@ -12,6 +12,9 @@ into G), and a negative prompt has no unconditional branch to act on, so it is i
 
     pipe.save_pretrained("circle-sfd")              # a folder of safetensors + model_index.json
     pipe = OneStepPipeline.from_pretrained("circle-sfd")   # or pipelines.load("circle-sfd")
+
+An SDXL student also has SDXL's second text encoder and tokenizer (``text_encoder_2``, ``tokenizer_2``); its prompts
+are encoded as SDXL's pipeline encodes them and packed as :func:`pipelines.text.encode` packs them.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from __future__ import annotations
 import warnings
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
+from pipelines.text import denoise, encode
 
 
 def one_step_latents(predict_eps, z: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -33,16 +38,24 @@ def one_step_latents(predict_eps, z: torch.Tensor, alpha_bar: torch.Tensor) -> t
 
 
 class OneStepPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["text_encoder_2", "tokenizer_2"]  # SDXL students only
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, init_timestep: int = 625):
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, init_timestep: int = 625,
+                 text_encoder_2=None, tokenizer_2=None):
         super().__init__()
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         self.register_to_config(init_timestep=int(init_timestep))
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
+    def _encode(self, prompts: list[str], size: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.text_encoder_2 is not None:  # SDXL: its own pipeline over these modules (shared, not copied)
+            sdxl = StableDiffusionXLPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                             text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+                                             unet=self.unet, scheduler=self.scheduler, add_watermarker=False)
+            return encode(sdxl, prompts, size)
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
@@ -61,7 +74,7 @@ class OneStepPipeline(DiffusionPipeline):
         """The generator's clean latents x_g from noise z (B, C, h, w), in fp32 (ᾱ conversions in fp32)."""
         t = int(self.config.init_timestep)
         timesteps = torch.full((len(z),), t, device=z.device)
-        return one_step_latents(lambda x: self.unet(x.to(self.unet.dtype), timesteps, prompt_embeds).sample, z,
+        return one_step_latents(lambda x: denoise(self.unet, x.to(self.unet.dtype), timesteps, prompt_embeds), z,
                                 self.scheduler.alphas_cumprod[t].to(z.device, torch.float32))
 
     @torch.no_grad()
@@ -71,20 +84,20 @@ class OneStepPipeline(DiffusionPipeline):
                  height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, **unused):
         # 1. prompts → text conditioning
+        c = self.unet.config.in_channels
+        h = (height or self.unet.config.sample_size * self.vae_scale_factor) // self.vae_scale_factor
+        w = (width or self.unet.config.sample_size * self.vae_scale_factor) // self.vae_scale_factor
         if prompt_embeds is None:
             if prompt is None:
                 raise ValueError("pass prompt or prompt_embeds")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompt_embeds = self._encode(prompts)
+            prompt_embeds = self._encode(prompts, size=(h * self.vae_scale_factor, w * self.vae_scale_factor))
         if negative_prompt is not None:
             warnings.warn("OneStepPipeline ignores negative_prompt: the one-step generator has no unconditional "
                           "branch (guidance was distilled into it)", stacklevel=2)
         prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0).to(self.unet.dtype)
         n = len(prompt_embeds)
         # 2. noise
-        c = self.unet.config.in_channels
-        h = (height or self.unet.config.sample_size * self.vae_scale_factor) // self.vae_scale_factor
-        w = (width or self.unet.config.sample_size * self.vae_scale_factor) // self.vae_scale_factor
         if latents is None:
             gens = generator if isinstance(generator, list) else [generator] * n
             latents = torch.stack([torch.randn((c, h, w), generator=g) for g in gens]) if generator is not None \

@@ -129,7 +129,7 @@ def test_bf16_fine_tune_keeps_a_half_reference_and_an_exact_spilled_original(tmp
         torch.testing.assert_close(delta[n], method.params[n].detach() - before[n], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method", ["spm", "esd", "salun", "sfd"])
+@pytest.mark.parametrize("method", ["spm", *(pytest.param(m, marks=pytest.mark.slow) for m in ("esd", "salun", "sfd"))])
 def test_each_method_trains_with_the_levers_close_to_fp32(sd_folder, tmp_path, method):
     plain = _erase(sd_folder, method, tmp_path / "fp32")
     levers = _erase(sd_folder, method, tmp_path / "levers", **LEVERS,

@@ -31,6 +31,7 @@ from adapters.artifact import SpilledTensors, module_fingerprint
 from adapters.errors import UserError
 from adapters.saliency import SaliencyMask
 from erasure.optim import make_optimizer
+from pipelines.text import denoise
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,6 @@ class Context:
     scratch: str | None = None  # a folder for temporary files (spilled originals); default: the working folder
 
 
-def check_trainable_pipeline(pipe) -> None:
-    """Training calls the UNet with text conditioning only: SD 1.x / 2.x. SDXL's extra conditioning is not wired."""
-    if getattr(pipe.unet.config, "addition_embed_type", None):
-        raise UserError(f"training on {type(pipe).__name__} (SDXL-style added conditioning) is not supported yet; "
-                        "use an SD 1.x / 2.x model (SDXL artifacts can still be loaded and applied)")
-
-
 class Method(ABC):
     """The protocol of an erasure method (see the module docstring). ``params`` holds the trained tensors by name."""
 
@@ -68,7 +62,6 @@ class Method(ABC):
     params: dict[str, torch.Tensor]
 
     def __init__(self, pipe, concept, config, ctx: Context):
-        check_trainable_pipeline(pipe)
         self.pipe, self.concept, self.config, self.ctx = pipe, concept, config, ctx
         self.unet = pipe.unet
 
@@ -188,11 +181,11 @@ def run_metadata(method: Method, kind: str, model_id: str, fingerprint: str, **e
 
 def cfg_eps(unet, z, t, cond, uncond, scale: float) -> torch.Tensor:
     """Classifier-free-guided ε: ε(∅) + s·(ε(c) − ε(∅)), one pass when s = 1 (as diffusers' pipelines).
-    z (B, 4, h, w); t a scalar or (B,); cond, uncond (B, 77, D)."""
+    z (B, 4, h, w); t a scalar or (B,); cond, uncond (B, L, D) from :func:`pipelines.text.encode`."""
     if scale == 1.0:
-        return unet(z, t, cond).sample
+        return denoise(unet, z, t, cond)
     t = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim else t
-    e_u, e_c = unet(torch.cat([z, z]), t, torch.cat([uncond, cond])).sample.chunk(2)
+    e_u, e_c = denoise(unet, torch.cat([z, z]), t, torch.cat([uncond, cond])).chunk(2)
     return e_u + scale * (e_c - e_u)
 
 

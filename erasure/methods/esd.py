@@ -20,7 +20,7 @@ import torch
 
 from erasure.config import option
 from erasure.methods.base import FineTuneMethod, ddim_sampler, partial_ddim
-from pipelines.text import encode
+from pipelines.text import denoise, encode
 
 _ESD_U_EXCLUDE = ("attn2", "time_embedding", "conv_out", "conv_norm_out")  # paper code: attn2, time_embed, out.
 
@@ -90,6 +90,6 @@ class ESD(FineTuneMethod):
                                 guidance=cfg.start_guidance, gen=gen)
         t = t.expand(cfg.batch_size).to(z.device)
         with torch.no_grad(), self.frozen():
-            e_null, e_c = self.unet(torch.cat([z, z]), torch.cat([t, t]), torch.cat([null, cond])).sample.chunk(2)
-        e_theta = self.unet(z, t, cond).sample
+            e_null, e_c = denoise(self.unet, torch.cat([z, z]), torch.cat([t, t]), torch.cat([null, cond])).chunk(2)
+        e_theta = denoise(self.unet, z, t, cond)
         return esd_loss(e_theta, e_c, e_null, cfg.eta).mean()

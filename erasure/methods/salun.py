@@ -28,7 +28,7 @@ from adapters.saliency import SaliencyMask, compute_mask
 from erasure.config import option
 from erasure.data import Sampling
 from erasure.methods.base import FineTuneMethod, add_noise
-from pipelines.text import encode
+from pipelines.text import denoise, encode
 
 @dataclass
 class SalUnConfig:
@@ -126,7 +126,7 @@ class SalUn(FineTuneMethod):
             idx = torch.arange(i * b, (i + 1) * b) % n
             x_t, t, noise = self._noised(self.forget.latents[idx], gen)
             cond, null = self.embeds[self.forget.prompt[idx]], self.null.expand(len(idx), -1, -1)
-            e_null, e_c = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null, cond])).sample.chunk(2)
+            e_null, e_c = denoise(self.unet, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null, cond])).chunk(2)
             return saliency_loss(e_c, e_null, noise, cfg.mask_guidance)
 
         batches = cfg.mask_batches or -(-n // b)
@@ -138,9 +138,9 @@ class SalUn(FineTuneMethod):
         f = torch.randint(len(self.forget.latents), (b,), generator=gen)
         x_t, t, _ = self._noised(self.forget.latents[f], gen)
         with torch.no_grad():
-            e_sub = self.unet(x_t, t, self.embeds[self.forget.substitute[f]]).sample
-        e_forget = self.unet(x_t, t, self.embeds[self.forget.prompt[f]]).sample
+            e_sub = denoise(self.unet, x_t, t, self.embeds[self.forget.substitute[f]])
+        e_forget = denoise(self.unet, x_t, t, self.embeds[self.forget.prompt[f]])
         r = torch.randint(len(self.retain.latents), (b,), generator=gen)
         xr_t, tr, noise = self._noised(self.retain.latents[r], gen)
-        e_retain = self.unet(xr_t, tr, self.embeds[self.retain.prompt[r]]).sample
+        e_retain = denoise(self.unet, xr_t, tr, self.embeds[self.retain.prompt[r]])
         return forget_loss(e_forget, e_sub) + cfg.alpha * retain_loss(e_retain, noise)

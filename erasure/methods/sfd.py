@@ -37,7 +37,7 @@ from erasure.config import option
 from erasure.methods.base import Method, add_noise, cfg_eps, ddim_steps, run_metadata
 from erasure.toyworld.models import GUIDANCE
 from pipelines.one_step import OneStepPipeline, one_step_latents
-from pipelines.text import encode
+from pipelines.text import denoise, encode
 
 
 @dataclass
@@ -85,7 +85,7 @@ class SFDConfig:
 def one_step(G, z: torch.Tensor, cond: torch.Tensor, abar: torch.Tensor, t_init: int) -> torch.Tensor:
     """x_g = (x − √(1−ᾱ)·G(x, t_init, c)) / √ᾱ with x = √(1−ᾱ)·z. z (B, 4, h, w) → x_g (B, 4, h, w), fp32."""
     t = torch.full((len(z),), t_init, device=z.device)
-    return one_step_latents(lambda x: G(x.to(_dtype(G)), t, cond).sample, z, abar[t_init])
+    return one_step_latents(lambda x: denoise(G, x.to(_dtype(G)), t, cond), z, abar[t_init])
 
 
 def eps_guided(net, x_t, t, cond, uncond, kappa: float) -> torch.Tensor:
@@ -374,7 +374,9 @@ class SFD(Method):
         p = self.pipe
         G = deepcopy(self.G_ema if self.G_ema is not None else self.G).eval().requires_grad_(False)
         return OneStepPipeline(vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=G,
-                               scheduler=DDPMScheduler.from_config(p.scheduler.config), init_timestep=self.config.t_init)
+                               scheduler=DDPMScheduler.from_config(p.scheduler.config), init_timestep=self.config.t_init,
+                               text_encoder_2=getattr(p, "text_encoder_2", None),
+                               tokenizer_2=getattr(p, "tokenizer_2", None))  # SDXL: its second encoder
 
     def artifact(self, model_id: str) -> tuple:
         """(the one-step pipeline, its metadata, None): written as a pipeline folder."""

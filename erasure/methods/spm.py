@@ -10,7 +10,8 @@ A rank-1 membrane on every Linear / Conv2d of the UNet's transformer blocks is t
 where ε is the original model (membrane off) and x_t comes from partial DDIM sampling (30 steps, CFG 3) with the
 membrane on, conditioned on the target. Anchors, as the SPM code samples them (not as the paper words it): random
 Gaussian directions in text-embedding space (all 77 positions), rescaled to ‖c_tar‖ · U[0.8, 1.2], plus the empty
-prompt, all evaluated at the target's x_t. Options beyond the code (``SPMConfig``):
+prompt, all evaluated at the target's x_t (SDXL: only the token rows are random; the pooled embedding and size ids
+are the empty prompt's). Options beyond the code (``SPMConfig``):
 
 - ``anchor_source="prompts" | "both"``: the preset's anchor prompts instead of / besides the random directions;
   ``"captions"``: on the toy world, captions of scenes without the concept (every shape, colour, fill, alias and
@@ -32,7 +33,7 @@ from adapters import membrane
 from adapters.errors import UserError
 from erasure.config import option
 from erasure.methods.base import Method, ddim_sampler, partial_ddim, run_metadata
-from pipelines.text import encode
+from pipelines.text import denoise, encode, token_rows, with_tokens
 
 @dataclass
 class SPMConfig:
@@ -151,7 +152,8 @@ class SPM(Method):
         cfg = self.config
         parts = [] if cfg.anchor_source == "captions" else [self.empty]
         if cfg.anchor_source in ("random", "both"):
-            parts.append(random_anchors(target, cfg.anchor_samples, gen))
+            tokens = random_anchors(token_rows(target, self.unet), cfg.anchor_samples, gen)
+            parts.append(with_tokens(tokens, self.empty, self.unet))  # SDXL: the empty prompt's packed rows
         if self.anchor_prompts is not None:
             idx = torch.randint(len(self.anchor_prompts), (cfg.anchor_samples,), generator=gen)
             parts.append(self.anchor_prompts[idx])
@@ -179,10 +181,10 @@ class SPM(Method):
         tb, ta = t.expand(len(tar)).to(z.device), t.expand(len(anc)).to(z.device)
         self._on(False)
         with torch.no_grad():
-            eps = self.unet(torch.cat([z, z, za]), torch.cat([tb, tb, ta]), torch.cat([tar, sur, anc])).sample
+            eps = denoise(self.unet, torch.cat([z, z, za]), torch.cat([tb, tb, ta]), torch.cat([tar, sur, anc]))
             eps_tar, eps_sur, eps_anc = eps.split([len(tar), len(tar), len(anc)])
         self._on(True)
-        out = self.unet(torch.cat([z, za]), torch.cat([tb, ta]), torch.cat([tar, anc])).sample
+        out = denoise(self.unet, torch.cat([z, za]), torch.cat([tb, ta]), torch.cat([tar, anc]))
         spm_tar, spm_anc = out.split([len(tar), len(anc)])
         return erase_loss(spm_tar, eps_tar, eps_sur, eta).mean() + cfg.anchor_weight * anchor_loss(spm_anc, eps_anc).mean()
 
