@@ -10,7 +10,9 @@ A rank-1 membrane on every Linear / Conv2d of the UNet's transformer blocks is t
 where ε is the original model (membrane off) and x_t comes from partial DDIM sampling (30 steps, CFG 3) with the
 membrane on, conditioned on the target. Anchors, as the SPM code samples them (not as the paper words it): random
 Gaussian directions in text-embedding space (all 77 positions), rescaled to ‖c_tar‖ · U[0.8, 1.2], plus the empty
-prompt, all evaluated at the target's x_t. Options beyond the code (``SPMConfig``):
+prompt, all evaluated at the target's x_t. v-prediction models (SD 2.x 768) need no conversion: every term compares
+outputs at the same x_t and t with weights summing to 1, so on v outputs it is the ε loss divided by ᾱ_t.
+Options beyond the code (``SPMConfig``):
 
 - ``anchor_source="prompts" | "both"``: the preset's anchor prompts instead of / besides the random directions;
   ``"captions"``: on the toy world, captions of scenes without the concept (every shape, colour, fill, alias and
