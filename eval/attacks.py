@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from adapters.errors import UserError, user_errors
 from erasure import toyworld
 from eval.sampling import Sampler, frozen, is_one_step
+from pipelines import prediction
 
 
 Judge = Callable[[np.ndarray], list[bool]]  # uint8 images (N, H, W, 3) → concept present, per image
@@ -302,7 +303,9 @@ class UnlearnDiffAtk(Attack):
         noise = torch.randn((self.t_batch, *z0.shape[1:]), generator=g)
         x_t = pipe.scheduler.add_noise(z0.expand(self.t_batch, -1, -1, -1), noise, t)
         pred = unet(x_t.to(unet.dtype), t, cond.expand(self.t_batch, -1, -1).to(unet.dtype)).sample.float()
-        return (pred - noise).pow(2).mean()
+        a = pipe.scheduler.alphas_cumprod[t].to(noise).view(-1, 1, 1, 1)
+        goal = prediction.target(z0, noise, a, prediction.prediction_type_of(pipe))  # ε, or v for v-prediction
+        return (pred - goal).pow(2).mean()
 
 
 def _nearest(soft: torch.Tensor, table: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

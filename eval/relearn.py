@@ -31,6 +31,7 @@ from erasure.concepts import TOY_MODEL, resolve
 from erasure.toyworld.models import GUIDANCE as TOY_GUIDANCE
 from eval.attacks import EVAL_OFFSET, Sampler, frozen, is_one_step
 from eval.toy import toy_reference_images
+from pipelines import prediction
 from pipelines.load import quiet_loading
 
 
@@ -42,7 +43,9 @@ def relearn_loss(pipe, x0: torch.Tensor, cond: torch.Tensor, gen: torch.Generato
         return (pipe.generate_latents(noise, cond.to(unet.dtype)) - x0).pow(2).mean()
     t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
     x_t = pipe.scheduler.add_noise(x0, noise, t)
-    return (unet(x_t.to(unet.dtype), t, cond.to(unet.dtype)).sample.float() - noise).pow(2).mean()
+    a = pipe.scheduler.alphas_cumprod[t].to(noise).view(-1, 1, 1, 1)
+    goal = prediction.target(x0, noise, a, prediction.prediction_type_of(pipe))  # ε, or v for v-prediction
+    return (unet(x_t.to(unet.dtype), t, cond.to(unet.dtype)).sample.float() - goal).pow(2).mean()
 
 
 def relearn(pipe, latents: torch.Tensor, captions: Sequence[str], measure: Callable[[object], float], *,

@@ -60,7 +60,8 @@ class Sampler:
             t = int(self.pipe.config.init_timestep)
             one_step_weights = [w / self.guidance for w in weights]
             return one_step_latents(lambda x: self._composed(x.to(dtype), t, context, one_step_weights), z,
-                                    self.pipe.scheduler.alphas_cumprod[t].to(self.device, torch.float32))
+                                    self.pipe.scheduler.alphas_cumprod[t].to(self.device, torch.float32),
+                                    self.pipe.prediction_type)
         sched = self.pipe.scheduler
         sched.set_timesteps(self.steps)
         z = z * sched.init_noise_sigma

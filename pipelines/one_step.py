@@ -5,7 +5,9 @@ once at the fixed timestep ``init_timestep`` (SiD-LSG / SFD: 625 of SD's 1000, �
 
     x = √(1 − ᾱ_init)·z,    x_g = (x − √(1 − ᾱ_init)·G(x, t_init, c)) / √ᾱ_init
 
-and x_g is decoded by the VAE. It takes the arguments StableDiffusionPipeline takes (prompt, negative_prompt,
+for an ε-prediction teacher; G is a copy of its teacher, so a v-prediction student maps x_g = √ᾱ_init·x − √(1−ᾱ_init)·G
+(the scheduler config's ``prediction_type`` says which, :mod:`pipelines.prediction`).
+x_g is decoded by the VAE. It takes the arguments StableDiffusionPipeline takes (prompt, negative_prompt,
 num_images_per_prompt, generator, latents, prompt_embeds, output_type, height / width), so evaluation code treats it
 as any other model; ``num_inference_steps`` and ``guidance_scale`` are accepted and ignored (guidance was distilled
 into G), and a negative prompt has no unconditional branch to act on, so it is ignored with a warning.
@@ -26,15 +28,18 @@ from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
+from pipelines.prediction import prediction_type_of, to_x0
 from pipelines.text import denoise, encode
 
 
-def one_step_latents(predict_eps, z: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """The one-step map: x = √(1 − ᾱ)·z, x_g = (x − √(1 − ᾱ)·ε(x)) / √ᾱ, with ᾱ = ᾱ_init and ``predict_eps(x)`` the
-    generator's ε at t_init. z (B, C, h, w) → x_g (B, C, h, w), computed in fp32 (the network may run in less)."""
+
+def one_step_latents(predict, z: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The one-step map: x = √(1 − ᾱ)·z, x_g = x̂₀ of ``predict(x)``, the generator's output at t_init in its teacher's
+    parameterisation (ε: (x − √(1 − ᾱ)·ε̂) / √ᾱ; v: √ᾱ·x − √(1 − ᾱ)·v̂), with ᾱ = ᾱ_init.
+    z (B, C, h, w) → x_g (B, C, h, w), computed in fp32 (the network may run in less)."""
     a = alpha_bar.float()
     x = (1 - a).sqrt() * z.float()
-    return (x - (1 - a).sqrt() * predict_eps(x).float()) / a.sqrt()
+    return to_x0(predict(x).float(), x, a, prediction_type)
 
 
 class OneStepPipeline(DiffusionPipeline):
@@ -49,6 +54,11 @@ class OneStepPipeline(DiffusionPipeline):
         self.register_to_config(init_timestep=int(init_timestep))
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def prediction_type(self) -> str:
+        """What G outputs (its teacher's parameterisation): the scheduler config's, saved and loaded with the folder."""
+        return prediction_type_of(self.scheduler)
 
     def _encode(self, prompts: list[str], size: tuple[int, int] | None = None) -> torch.Tensor:
         if self.text_encoder_2 is not None:  # SDXL: its own pipeline over these modules (shared, not copied)
@@ -75,7 +85,7 @@ class OneStepPipeline(DiffusionPipeline):
         t = int(self.config.init_timestep)
         timesteps = torch.full((len(z),), t, device=z.device)
         return one_step_latents(lambda x: denoise(self.unet, x.to(self.unet.dtype), timesteps, prompt_embeds), z,
-                                self.scheduler.alphas_cumprod[t].to(z.device, torch.float32))
+                                self.scheduler.alphas_cumprod[t].to(z.device, torch.float32), self.prediction_type)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt=None, num_images_per_prompt: int = 1,

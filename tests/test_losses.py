@@ -10,8 +10,9 @@ import torch
 
 from erasure.methods.esd import esd_loss
 from erasure.methods.salun import forget_loss, retain_loss, saliency_loss
-from erasure.methods.sfd import fake_score_loss, one_step, regression_loss, sid_generator_loss, x0_from_eps
+from erasure.methods.sfd import fake_score_loss, one_step, regression_loss, sid_generator_loss
 from erasure.methods.spm import anchor_loss, erase_loss
+from pipelines.prediction import to_x0
 
 
 SD_ABAR = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)  # SD's scaled_linear ᾱ
@@ -260,11 +261,11 @@ def test_x0_from_eps_inverts_the_schedulers_forward_noising():
     steps = torch.tensor([0, 250, 625, 979])
     x_t = sched.add_noise(x0, eps, steps)
     a = sched.alphas_cumprod[steps].view(-1, 1, 1, 1)
-    assert torch.allclose(x0_from_eps(x_t, eps, a), x0, atol=1e-4)
-    assert not torch.allclose(x0_from_eps(x_t, eps + 0.1, a), x0, atol=1e-2)
-    assert torch.equal(x0_from_eps(x0, eps, torch.ones(4, 1, 1, 1)), x0)
+    assert torch.allclose(to_x0(eps, x_t, a, "epsilon"), x0, atol=1e-4)
+    assert not torch.allclose(to_x0(eps + 0.1, x_t, a, "epsilon"), x0, atol=1e-2)
+    assert torch.equal(to_x0(eps, x0, torch.ones(4, 1, 1, 1), "epsilon"), x0)
     # by hand: ᾱ = 0.64 (√ᾱ 0.8, √(1 − ᾱ) 0.6), x₀ 1, ε 0.5 → x_t 0.8 + 0.3 = 1.1 → x̂₀ (1.1 − 0.3)/0.8 = 1
-    assert x0_from_eps(t(1.1), t(0.5), t(0.64)).item() == pytest.approx(1.0)
+    assert to_x0(t(0.5), t(1.1), t(0.64), "epsilon").item() == pytest.approx(1.0)
 
 
 class _Oracle(torch.nn.Module):

@@ -180,7 +180,8 @@ def run_metadata(method: Method, kind: str, model_id: str, fingerprint: str, **e
 
 
 def cfg_eps(unet, z, t, cond, uncond, scale: float) -> torch.Tensor:
-    """Classifier-free-guided ε: ε(∅) + s·(ε(c) − ε(∅)), one pass when s = 1 (as diffusers' pipelines).
+    """Classifier-free-guided ε: ε(∅) + s·(ε(c) − ε(∅)), one pass when s = 1 (as diffusers' pipelines). The UNet's
+    own output kind (ε, or v for v-prediction): guidance is the same affine combination for either.
     z (B, 4, h, w); t a scalar or (B,); cond, uncond (B, L, D) from :func:`pipelines.text.encode`."""
     if scale == 1.0:
         return denoise(unet, z, t, cond)

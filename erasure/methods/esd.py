@@ -6,6 +6,8 @@ guidance away from c:
     ε_θ(x_t, c, t)  ←  ε_θ*(x_t, t) − η · [ε_θ*(x_t, c, t) − ε_θ*(x_t, t)]            (paper Eq. 5 target)
 
 x_t comes from partial DDIM sampling (η_DDIM = 0, CFG 3) conditioned on c, stopped at a random step of 50.
+v-prediction models (SD 2.x 768) need no conversion: all outputs share x_t and t and the target's weights sum to 1, so
+with ε = √(1−ᾱ_t) x_t + √ᾱ_t v the loss on v outputs is the ε loss divided by ᾱ_t (the sampler steps by the scheduler).
 Variants by trained parameters: ESD-x (cross-attention ``attn2``; ``esd-x-strict``: its to_k / to_v only), ESD-u
 (everything but cross-attention, time embedding and the output layers — ``noxattn`` of the paper code), ``full``,
 ``selfattn``.

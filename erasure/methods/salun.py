@@ -7,7 +7,9 @@ Only the salient weights (a :mod:`adapters.saliency` mask, the top 50 % of |∇�
 where x_t is a noised *forget* image (the concept), c_f its forget prompt and c′ the substitute prompt, evaluated by
 the *current* model on the same x_t, t and ε and detached (the official code has no frozen teacher); the second term
 is the ordinary diffusion loss on *retain* images of other concepts. The mask's loss (``generate_mask.py``) is the
-diffusion loss of the classifier-free-guided prediction (1 + w)·ε(x_t, c_f) − w·ε(x_t, ∅), w = 7.5.
+diffusion loss of the classifier-free-guided prediction (1 + w)·ε(x_t, c_f) − w·ε(x_t, ∅), w = 7.5. For a
+v-prediction model (SD 2.x 768) both diffusion losses regress v instead of ε (:func:`pipelines.prediction.target`);
+the forget term compares two outputs at the same x_t and t, so it needs no conversion.
 
 Data: on the toy world, forget images are the world's own images of the concept (captions naming it, substitute
 captions with its word swapped for the substitute's: "a red circle" → "a red square") and retain images are world
@@ -28,6 +30,7 @@ from adapters.saliency import SaliencyMask, compute_mask
 from erasure.config import option
 from erasure.data import Sampling
 from erasure.methods.base import FineTuneMethod, add_noise
+from pipelines.prediction import prediction_type_of, target
 from pipelines.text import denoise, encode
 
 @dataclass
@@ -59,14 +62,15 @@ def forget_loss(eps_forget: torch.Tensor, eps_substitute: torch.Tensor) -> torch
     return F.mse_loss(eps_forget, eps_substitute.detach())
 
 
-def retain_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The ordinary ε-prediction loss on retain data. (B, 4, h, w) ×2 → ()."""
-    return F.mse_loss(eps_pred, noise)
+def retain_loss(pred: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+    """The ordinary diffusion loss on retain data: MSE(output, ε) (or v for v-prediction). (B, 4, h, w) ×2 → ()."""
+    return F.mse_loss(pred, goal)
 
 
-def saliency_loss(eps_c: torch.Tensor, eps_null: torch.Tensor, noise: torch.Tensor, w: float) -> torch.Tensor:
-    """The mask's loss: MSE(ε, (1 + w)·ε(x_t, c_f) − w·ε(x_t, ∅)) (its sign does not matter, |∇| is taken)."""
-    return F.mse_loss((1 + w) * eps_c - w * eps_null, noise)
+def saliency_loss(eps_c: torch.Tensor, eps_null: torch.Tensor, goal: torch.Tensor, w: float) -> torch.Tensor:
+    """The mask's loss: MSE(ε, (1 + w)·ε(x_t, c_f) − w·ε(x_t, ∅)) (its sign does not matter, |∇| is taken); for
+    v-prediction the outputs are v and the goal is v. (B, 4, h, w) ×3 → ()."""
+    return F.mse_loss((1 + w) * eps_c - w * eps_null, goal)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,6 +99,7 @@ class SalUn(FineTuneMethod):
         device = self.unet.device
         self.forget.latents, self.retain.latents = self.forget.latents.to(device), self.retain.latents.to(device)
         self.noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.prediction_type = prediction_type_of(pipe.scheduler)
 
     def trainable_names(self) -> list[str]:
         names = [n for n, _ in self.unet.named_parameters()]
@@ -107,6 +112,11 @@ class SalUn(FineTuneMethod):
         t = torch.randint(0, steps, (len(latents),), generator=gen).to(latents.device)
         noise = torch.randn(latents.shape, generator=gen).to(latents.device, latents.dtype)
         return add_noise(self.noise_schedule, latents, t, noise), t, noise
+
+    def _target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet should output at x_t of (x0, noise, t): ε, or v for a v-prediction model. (B, 4, h, w)."""
+        a = self.noise_schedule.alphas_cumprod.to(x0.device, x0.dtype)[t].view(-1, 1, 1, 1)
+        return target(x0, noise, a, self.prediction_type)
 
     def compute_mask(self) -> SaliencyMask:
         """The saliency mask at θ₀: the top ``mask_fraction`` of |∇θ| of the mask loss summed over the forget set
@@ -127,7 +137,7 @@ class SalUn(FineTuneMethod):
             x_t, t, noise = self._noised(self.forget.latents[idx], gen)
             cond, null = self.embeds[self.forget.prompt[idx]], self.null.expand(len(idx), -1, -1)
             e_null, e_c = denoise(self.unet, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null, cond])).chunk(2)
-            return saliency_loss(e_c, e_null, noise, cfg.mask_guidance)
+            return saliency_loss(e_c, e_null, self._target(self.forget.latents[idx], noise, t), cfg.mask_guidance)
 
         batches = cfg.mask_batches or -(-n // b)
         return compute_mask(self.unet, loss, batches, fraction=cfg.mask_fraction, per_layer=cfg.mask_per_layer,
@@ -143,4 +153,5 @@ class SalUn(FineTuneMethod):
         r = torch.randint(len(self.retain.latents), (b,), generator=gen)
         xr_t, tr, noise = self._noised(self.retain.latents[r], gen)
         e_retain = denoise(self.unet, xr_t, tr, self.embeds[self.retain.prompt[r]])
-        return forget_loss(e_forget, e_sub) + cfg.alpha * retain_loss(e_retain, noise)
+        goal = self._target(self.retain.latents[r], noise, tr)
+        return forget_loss(e_forget, e_sub) + cfg.alpha * retain_loss(e_retain, goal)

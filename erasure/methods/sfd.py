@@ -6,6 +6,9 @@ to a clean latent in one evaluation at t_init (σ_init ≈ 2.5):
 
     x = √(1−ᾱ_init)·z,    x_g = (x − √(1−ᾱ_init)·G(x, t_init, c)) / √ᾱ_init
 
+(ε-prediction; every output is read in the teacher's parameterisation, ``prediction_type`` of its scheduler config:
+x̂₀ via :func:`pipelines.prediction.to_x0`, the fake score's regression target ε or v via ``target``).
+
 Each iteration updates f_ψ (``fake_steps`` times; 1 in SiD), then G, on a *remain* batch (prompts of what must keep
 working) and a *forget* batch:
 
@@ -37,6 +40,7 @@ from erasure.config import option
 from erasure.methods.base import Method, add_noise, cfg_eps, ddim_steps, run_metadata
 from erasure.toyworld.models import GUIDANCE
 from pipelines.one_step import OneStepPipeline, one_step_latents
+from pipelines.prediction import prediction_type_of, target, to_x0
 from pipelines.text import denoise, encode
 
 
@@ -82,21 +86,18 @@ class SFDConfig:
 # the equations
 
 
-def one_step(G, z: torch.Tensor, cond: torch.Tensor, abar: torch.Tensor, t_init: int) -> torch.Tensor:
-    """x_g = (x − √(1−ᾱ)·G(x, t_init, c)) / √ᾱ with x = √(1−ᾱ)·z. z (B, 4, h, w) → x_g (B, 4, h, w), fp32."""
+def one_step(G, z: torch.Tensor, cond: torch.Tensor, abar: torch.Tensor, t_init: int,
+             prediction_type: str = "epsilon") -> torch.Tensor:
+    """x_g = x̂₀ of G(x, t_init, c) with x = √(1−ᾱ)·z (ε: (x − √(1−ᾱ)·G) / √ᾱ). z (B, 4, h, w) → x_g (B, 4, h, w),
+    fp32."""
     t = torch.full((len(z),), t_init, device=z.device)
-    return one_step_latents(lambda x: denoise(G, x.to(_dtype(G)), t, cond), z, abar[t_init])
+    return one_step_latents(lambda x: denoise(G, x.to(_dtype(G)), t, cond), z, abar[t_init], prediction_type)
 
 
 def eps_guided(net, x_t, t, cond, uncond, kappa: float) -> torch.Tensor:
     """``cfg_eps`` at κ, run in the network's dtype. x_t (B, 4, h, w); t (B,); cond, uncond (B, 77, D)
     → (B, 4, h, w), fp32."""
     return cfg_eps(net, x_t.to(_dtype(net)), t, cond, uncond, kappa).float()
-
-
-def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """x̂₀ = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t, in fp32 (ᾱ_t of shape (B, 1, 1, 1))."""
-    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
 
 
 def sid_generator_loss(x_g, y_real, y_fake, alpha: float) -> torch.Tensor:
@@ -106,9 +107,10 @@ def sid_generator_loss(x_g, y_real, y_fake, alpha: float) -> torch.Tensor:
     return ((y_real - y_fake) * ((y_real - x_g) - alpha * (y_real - y_fake)) / w).flatten(1).sum(1)
 
 
-def fake_score_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Denoising score matching on detached generator samples: Σ_{CHW} (ε_ψ − ε)², per sample (B,)."""
-    return ((eps_pred - eps) ** 2).flatten(1).sum(1)
+def fake_score_loss(pred: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+    """Denoising score matching on detached generator samples: Σ_{CHW} (f_ψ − goal)², per sample (B,); the goal is
+    ε (or v for a v-prediction teacher, :func:`pipelines.prediction.target`). (B, 4, h, w) ×2 → (B,)."""
+    return ((pred - goal) ** 2).flatten(1).sum(1)
 
 
 def regression_loss(x_g: torch.Tensor, x_teacher: torch.Tensor) -> torch.Tensor:
@@ -188,6 +190,7 @@ class SFD(Method):
         self.G_ema = deepcopy(self.G).requires_grad_(False) if config.ema_halflife_kimg > 0 else None
         self.noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
         self.abar = self.noise_schedule.alphas_cumprod.to(self.teacher.device, torch.float32)
+        self.prediction_type = prediction_type_of(pipe.scheduler)  # G, f_ψ and f_φ all output the teacher's kind
         if not 0 <= config.t_min < config.t_max <= len(self.abar) or not 0 <= config.t_init < len(self.abar):
             raise UserError(f"sfd: need 0 ≤ t_min < t_max ≤ {len(self.abar)} and 0 ≤ t_init < {len(self.abar)}")
         remain, forget, override = concept.distillation_prompts(config.prompt_pool, ctx.seed,
@@ -220,11 +223,11 @@ class SFD(Method):
         c, s = self.teacher.config.in_channels, self.teacher.config.sample_size
         pairs = {}
         half = cfg.regression_pairs // 2
-        for name, pool, target, n in (("remain", self.remain, self.remain, cfg.regression_pairs - half),
+        for name, pool, aim, n in (("remain", self.remain, self.remain, cfg.regression_pairs - half),
                                       ("forget", self.forget, self.override, half)):
             idx = torch.randint(len(pool), (n,), generator=gen)
             z = torch.randn((n, c, s, s), generator=gen).to(dev)
-            x = teacher_samples(self.teacher, self.pipe.scheduler.config, z, target[idx], self.null, cfg.regression_guidance)
+            x = teacher_samples(self.teacher, self.pipe.scheduler.config, z, aim[idx], self.null, cfg.regression_guidance)
             pairs[name] = {"z": z, "cond": pool[idx], "x": x}
         return pairs
 
@@ -232,7 +235,7 @@ class SFD(Method):
         """λ · mean over a batch of pairs of ‖G(z) − x_φ(z)‖² (this process's rows of the global batch)."""
         cfg = self.config
         idx = torch.randint(len(pairs["z"]), (cfg.batch_size,), generator=gen)[self._rows()]
-        x_g = one_step(self.G, pairs["z"][idx], pairs["cond"][idx], self.abar, cfg.t_init)
+        x_g = one_step(self.G, pairs["z"][idx], pairs["cond"][idx], self.abar, cfg.t_init, self.prediction_type)
         rows = regression_loss(x_g, pairs["x"][idx])
         return cfg.regression_weight * _finite_mean(rows, len(rows))
 
@@ -260,6 +263,10 @@ class SFD(Method):
         """x_t of x_g at t (B,) with noise ε, and ᾱ_t (B, 1, 1, 1) for x̂₀."""
         return add_noise(self.noise_schedule, x_g, t, eps), self.abar[t].view(-1, 1, 1, 1)
 
+    def _x0(self, net, x_t, t, cond, null, kappa: float, a) -> torch.Tensor:
+        """x̂₀ of a score network's κ-guided output (y_real, y_fake): x_t (B, 4, h, w), ᾱ_t (B, 1, 1, 1) → fp32."""
+        return to_x0(eps_guided(net, x_t, t, cond, null, kappa), x_t, a, self.prediction_type)
+
     def _fake_step(self, gen, opt) -> float:
         cfg = self.config
         self.G.requires_grad_(False)
@@ -270,13 +277,14 @@ class SFD(Method):
             d = self._draw(gen, pool)
             with self.acc.autocast():
                 with torch.no_grad():
-                    x_g = one_step(self.G, d["z"], d["cond"], self.abar, cfg.t_init)
-                x_t, _ = self._noised(x_g, d["t"], d["eps"])
+                    x_g = one_step(self.G, d["z"], d["cond"], self.abar, cfg.t_init, self.prediction_type)
+                x_t, a = self._noised(x_g, d["t"], d["eps"])
                 cond = d["cond"].clone()
                 if cfg.cfg_train_fake != 1.0:  # train the unconditional branch that guidance needs
                     cond[d["drop"]] = self.null[0]
                 null = self.null.expand_as(cond)
-                rows = fake_score_loss(eps_guided(self.fake, x_t, d["t"], cond, null, cfg.cfg_train_fake), d["eps"])
+                goal = target(x_g, d["eps"], a, self.prediction_type)  # ε, or v for a v-prediction teacher
+                rows = fake_score_loss(eps_guided(self.fake, x_t, d["t"], cond, null, cfg.cfg_train_fake), goal)
                 loss = weight * _finite_mean(rows, len(rows))
             loss.backward()
             total += loss.item()
@@ -294,11 +302,11 @@ class SFD(Method):
             d = self._draw(gen, pool, partner)
             teacher_cond = d["partner"] if partner is not None else d["cond"]  # forget: the teacher sees c_s
             with self.acc.autocast():
-                x_g = one_step(self.G, d["z"], d["cond"], self.abar, cfg.t_init)
+                x_g = one_step(self.G, d["z"], d["cond"], self.abar, cfg.t_init, self.prediction_type)
                 x_t, a = self._noised(x_g, d["t"], d["eps"])
                 null = self.null.expand_as(d["cond"])
-                y_fake = x0_from_eps(x_t, eps_guided(self.fake, x_t, d["t"], d["cond"], null, cfg.cfg_eval_fake), a)
-                y_real = x0_from_eps(x_t, eps_guided(self.teacher, x_t, d["t"], teacher_cond, null, cfg.cfg_eval_real), a)
+                y_fake = self._x0(self.fake, x_t, d["t"], d["cond"], null, cfg.cfg_eval_fake, a)
+                y_real = self._x0(self.teacher, x_t, d["t"], teacher_cond, null, cfg.cfg_eval_real, a)
                 rows = sid_generator_loss(x_g, y_real, y_fake, cfg.alpha)
                 loss = weight * _finite_mean(rows, len(rows))
                 if self.pairs is not None:

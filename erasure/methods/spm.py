@@ -11,7 +11,9 @@ where ε is the original model (membrane off) and x_t comes from partial DDIM sa
 membrane on, conditioned on the target. Anchors, as the SPM code samples them (not as the paper words it): random
 Gaussian directions in text-embedding space (all 77 positions), rescaled to ‖c_tar‖ · U[0.8, 1.2], plus the empty
 prompt, all evaluated at the target's x_t (SDXL: only the token rows are random; the pooled embedding and size ids
-are the empty prompt's). Options beyond the code (``SPMConfig``):
+are the empty prompt's). v-prediction models (SD 2.x 768) need no conversion: every term compares outputs at the same
+x_t and t with weights summing to 1, so on v outputs it is the ε loss divided by ᾱ_t. Options beyond the code
+(``SPMConfig``):
 
 - ``anchor_source="prompts" | "both"``: the preset's anchor prompts instead of / besides the random directions;
   ``"captions"``: on the toy world, captions of scenes without the concept (every shape, colour, fill, alias and
