@@ -28,10 +28,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from accelerate.state import AcceleratorState
 
+import erasure
 from adapters.artifact import write_text_atomic
 from adapters.errors import UserError
 from eval import bench, bench_memory
+from pipelines.testing import save_tiny, tiny_sd_pipeline
 
 ONE_STEP_TARGET = bench.TARGETS["one_step_vs_teacher_images"]
 
@@ -68,10 +71,6 @@ def check_one_step(device: str, quick: bool) -> dict:
 
 def check_precisions(device: str, quick: bool) -> dict:
     """One training step of SPM and ESD on a tiny SD-1.x pipeline per mixed-precision dtype, and with xformers."""
-    import erasure  # loads the training stack only for this check
-    from accelerate.state import AcceleratorState
-    from pipelines.testing import save_tiny, tiny_sd_pipeline
-
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         save_tiny(tiny_sd_pipeline("sd1"), Path(tmp) / "sd")
