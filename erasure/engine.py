@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import AutocastKwargs
 from tqdm.auto import tqdm
 
 import pipelines
@@ -163,7 +164,10 @@ def _accelerator(run: TrainConfig) -> tuple[Accelerator, str]:
             raise UserError("--use-8bit-adam needs a CUDA device; on the CPU, --optimizer factored keeps a compact "
                             "optimiser state")
         import_bitsandbytes()
-    return Accelerator(mixed_precision=run.mixed_precision, cpu=device == "cpu"), device
+    # under gradient checkpointing, autocast's cache of half-precision weight copies would keep a copy of every
+    # trained weight for the whole step; without it they live only while an op needs them
+    autocast = AutocastKwargs(enabled=True, cache_enabled=not run.gradient_checkpointing)
+    return Accelerator(mixed_precision=run.mixed_precision, cpu=device == "cpu", kwargs_handlers=[autocast]), device
 
 
 WEIGHT_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -318,7 +318,8 @@ def run(models: Sequence[str], device: str = "cpu", batch: int = 2, rounds: int 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="toy,sd1", help="comma-separated: toy, sd1")
+    p.add_argument("--models", help="comma-separated: toy, sd1 (default: both); with --memory: tiny, sd1, sdxl "
+                                    "(default: sd1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
@@ -337,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("--cache", help="folder of the saved random pipelines (default ~/.cache/erasure/bench-models)")
     m.add_argument("--limit-gb", type=float, help="stop a case whose memory passes this (default: 90%% of RAM)")
     args = p.parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models = [m.strip() for m in (args.models or ("sd1" if args.memory else "toy,sd1")).split(",") if m.strip()]
     if args.memory:
         return _memory_main(args, models)
     bad = [m for m in models if m not in ("toy", "sd1")]

@@ -109,7 +109,7 @@ def measure(model: str, method: str, levers: str, cache: Path, limit_gb: float) 
     rec = {"model": model, "method": method, "levers": levers, "seconds": round(time.time() - t0, 1),
            "peak_rss_gb": round(usage.ru_maxrss * 1024 / 2**30, 2)}
     if stopped:
-        rec["status"] = f"stopped above {limit_gb:g} GB"
+        rec["status"] = f"stopped above {limit_gb:.1f} GB"
     elif child.returncode:
         rec["status"] = "failed: " + (stderr.strip().splitlines() or ["?"])[-1][:200]
     else:
@@ -149,7 +149,7 @@ def table(report: dict) -> str:
     for r in report["rows"]:
         value = r.get("cuda_peak_gb", r["peak_rss_gb"])
         target = report["targets_gb"].get(r["model"], {}).get(r["method"]) if r["levers"] == "levers" else None
-        shown = f"> {report['limit_gb']}" if r["status"].startswith("stopped") else value
+        shown = f"> {report['limit_gb']:.1f}" if r["status"].startswith("stopped") else value
         lines.append(f"| {r['model']} | {r['method']} | {r['levers']} | {shown} | {target or ''} | {r['status']} | "
                      f"{r['seconds']} |")
     return "\n".join(lines) + "\n"

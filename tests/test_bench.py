@@ -85,3 +85,32 @@ def test_only_one_step_skips_the_membrane_timings(monkeypatch, capsys):
 def test_bad_size_is_one_line(capsys):
     assert bench.main(["--models", "sd1", "--only-one-step", "--size", "100"]) == 2
     assert capsys.readouterr().err.strip() == "error: --size 100: use a multiple of 8, at least 64"
+
+
+def test_memory_bench_measures_one_tiny_step_in_a_child_process(tmp_path, capsys):
+    out = tmp_path / "mem.json"
+    assert bench.main(["--memory", "--models", "tiny", "--methods", "spm", "--levers", "levers", "--cache",
+                 str(tmp_path / "models"), "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    assert (row["model"], row["method"], row["levers"], row["status"]) == ("tiny", "spm", "levers", "ok")
+    assert 0.2 < row["peak_rss_gb"] < report["limit_gb"]  # the child's own peak, not this process's
+    table = out.with_suffix(".md").read_text()
+    assert f"| tiny | spm | levers | {row['peak_rss_gb']} |" in table
+
+
+def test_memory_bench_reports_a_case_over_the_limit(tmp_path):
+    from eval import bench_memory
+
+    report = bench_memory.bench(["tiny"], ["esd"], tmp_path, limit_gb=0.2, lever_sets=("fp32",))
+    (row,) = report["rows"]
+    assert row["status"] == "stopped above 0.2 GB"  # importing torch alone passes 0.2 GB
+    assert "| > " in bench_memory.table(report)
+
+
+@pytest.mark.parametrize("argv, word", [(["--methods", "dance"], "method"), (["--models", "sd9"], "model"),
+                                         (["--levers", "turbo"], "lever set")])
+def test_memory_bench_rejects_unknown_names(argv, word, capsys):
+    assert bench.main(["--memory", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"unknown --memory {word}" in err
