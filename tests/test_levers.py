@@ -197,3 +197,14 @@ def test_tf32_is_restored_after_the_run():
         assert not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer", ["adam8bit", "factored"])
+def test_cuda_levers_train(sd_folder, tmp_path, optimizer):
+    if optimizer == "adam8bit":
+        pytest.importorskip("bitsandbytes")
+    r = _erase(sd_folder, "esd", tmp_path / optimizer, device="cuda", mixed_precision="fp16", optimizer=optimizer,
+               gradient_checkpointing=True, allow_tf32=True)
+    assert all(math.isfinite(v) for v in r.record["loss"])
+    assert all(torch.isfinite(t).all() for t in load_artifact(r.artifact).tensors.values())
