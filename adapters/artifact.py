@@ -65,7 +65,16 @@ def module_fingerprint(module: torch.nn.Module, names: Iterable[str]) -> str:
     missing = [n for n in names if n not in state]
     if missing:
         return f"{type(module).__name__}:missing:{missing[0]}"
-    return fingerprint(((n, tuple(state[n].shape)) for n in names), type(module).__name__)
+    return fingerprint(((n, tuple(state[n].shape)) for n in names), _class_name(module))
+
+
+def _class_name(module: torch.nn.Module) -> str:
+    """The module's class name; for a module sharded by FSDP2 (class ``FSDP<Name>``, bases FSDPModule and the
+    original class) the original class's name, so a sharded run's artifact names the same base model."""
+    cls = type(module)
+    if cls.__name__.startswith("FSDP") and len(cls.__bases__) == 2 and cls.__bases__[0].__name__ == "FSDPModule":
+        cls = cls.__bases__[1]
+    return cls.__name__
 
 
 @dataclass

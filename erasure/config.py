@@ -47,6 +47,8 @@ class TrainConfig:
     use_8bit_adam: bool = option(False, "bitsandbytes' 8-bit Adam (CUDA; the cuda extra): the same as --optimizer adam8bit")
     allow_tf32: bool = option(False, "allow TF32 matmuls on Ampere or newer GPUs (faster, less precise; SFD otherwise "
                               "turns TF32 off, as SiD)")
+    fsdp: bool = option(False, "shard the trained networks (and SFD's teacher) across the processes of `accelerate "
+                        "launch` with FSDP (esd, salun, sfd); such runs write no intermediate checkpoints")
     device: str | None = option(None, "device (default: CUDA when available, else CPU)")
     attention: str = option("sdpa", "attention backend", choices=("sdpa", "xformers"))
     checkpoint_every: int = option(100, "steps between resumable checkpoints (0: never)")

@@ -34,6 +34,7 @@ from erasure.config import TrainConfig, resolve_method_config
 from erasure.methods import METHODS
 from erasure.methods.base import Context, Method
 from erasure.optim import import_bitsandbytes
+from erasure.sharding import sharding_for
 
 # run options that only steer the command line, never the training
 _CLI_ONLY = ("dry_run",)
@@ -114,6 +115,7 @@ def plan(concept: str, method: str = "spm", options: dict | None = None) -> Plan
         if run.optimizer not in ("adam", "adam8bit"):
             raise UserError(f"--use-8bit-adam and --optimizer {run.optimizer} contradict each other: give one")
         run.optimizer, run.use_8bit_adam = "adam8bit", False
+    _check_fsdp(run, cls)
     if run.mask and not cls.maskable:
         maskable = ", ".join(n for n, m in METHODS.items() if m.maskable)
         raise UserError(f"--mask confines weight fine-tuning ({maskable}); --method {method} trains an adapter")
@@ -139,6 +141,19 @@ def plan(concept: str, method: str = "spm", options: dict | None = None) -> Plan
     if not cls.writes_folder and not run.output.endswith(".safetensors"):
         raise UserError(f"--output must end in .safetensors (got {run.output})")
     return Plan(run, resolved, mcfg, cls)
+
+
+def _check_fsdp(run: TrainConfig, cls: type[Method]) -> None:
+    if not run.fsdp:
+        return
+    if not cls.shardable:
+        names = ", ".join(n for n, m in METHODS.items() if m.shardable)
+        raise UserError(f"--fsdp shards full-weight training ({names}); --method {cls.name} trains too few weights to "
+                        "need it: run it without --fsdp")
+    if run.resume:
+        raise UserError("--resume: sharded runs (--fsdp) write no checkpoints to resume from")
+    if run.mixed_precision == "fp16":
+        raise UserError("--fsdp takes --mixed-precision bf16 or no, not fp16 (its gradient scaler is not sharded)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,6 +238,9 @@ def execute(p: Plan) -> Result:
     run, output = p.run, p.output
     _check_writable(output)
     accelerator, device = _accelerator(run)
+    sharding = sharding_for(accelerator, requested=run.fsdp, param_dtype=WEIGHT_DTYPES[run.mixed_precision])
+    if sharding is not None and not run.fsdp:  # accelerate's FSDP plugin asked for it
+        _check_fsdp(replace(run, fsdp=True), p.method)
     t0 = time.time()
     pipe = pipelines.load(run.model, device=device, attention=run.attention)
     ctx = Context(seed=run.seed, model_id=run.model, accelerator=accelerator,
@@ -233,15 +251,20 @@ def execute(p: Plan) -> Result:
         apply_levers(method, run)
         with accelerator.autocast():
             _use_mask(method, run, output)
+        if sharding is not None:
+            method.shard(sharding)
         with tf32(run.allow_tf32):
             history = fit(method, steps=p.config.steps, output=output, seed=run.seed, accelerator=accelerator,
-                          checkpoint_every=run.checkpoint_every, resume=run.resume, quiet=run.quiet)
+                          checkpoint_every=0 if sharding else run.checkpoint_every, resume=run.resume, quiet=run.quiet)
         record = {"artifact": str(output), "seconds": round(time.time() - t0, 1),
                   "final_loss": history[-1] if history else None, "config": asdict(run),
                   "method_config": asdict(p.config), "loss": history, "processes": accelerator.num_processes,
-                  **method.summary()}
-        if accelerator.is_main_process:
+                  "sharded": sharding is not None, **method.summary()}
+        if sharding is not None:  # gathering the sharded result is a collective: every process takes part
             result, meta, extra = method.artifact(run.model)
+        if accelerator.is_main_process:
+            if sharding is None:
+                result, meta, extra = method.artifact(run.model)
             meta["run"] = {k: v for k, v in asdict(run).items() if k not in _NOT_RECORDED}
             if p.folder:
                 save_pipeline_folder(result, output, meta)

@@ -12,6 +12,7 @@ Adafactor the step size is Adam's (absolute, bias-corrected), so a paper's learn
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from adapters.errors import UserError
 
@@ -44,15 +45,18 @@ class FactoredAdam(torch.optim.Optimizer):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
+            for param in group["params"]:
+                if param.grad is None:
                     continue
-                g = p.grad.float()
-                state = self.state[p]
+                # a sharded (FSDP) parameter is factored over this process's rows: the state is of the local shard
+                p, g = local(param), local(param.grad).float()
+                state = self.state[param]
                 if not state:
                     state.update(self._init_state(p, beta1))
                 state["step"] += 1
                 t = state["step"].item()
+                if p.numel() == 0:  # a shard with no rows
+                    continue
                 if "row" in state:  # V ≈ r cᵀ / mean(r) of the bias-corrected running means of G²
                     g2 = g.reshape(len(state["row"]), -1).square()
                     state["row"].lerp_(g2.mean(1), 1 - beta2)
@@ -75,6 +79,11 @@ class FactoredAdam(torch.optim.Optimizer):
                         update = update + group["weight_decay"] * p.float() / denom
                 p.add_(update.to(p.dtype), alpha=-group["lr"])
         return loss
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this process holds: a DTensor's local shard (sharing its storage), any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def make_optimizer(kind: str, params, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,

@@ -20,7 +20,8 @@ hook instead of writing a second loop.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from copy import deepcopy
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -31,6 +32,7 @@ from adapters.artifact import SpilledTensors, module_fingerprint
 from adapters.errors import UserError
 from adapters.saliency import SaliencyMask
 from erasure.optim import make_optimizer
+from erasure.sharding import full, like, shard
 from pipelines.text import denoise
 
 
@@ -58,8 +60,10 @@ class Method(ABC):
     writes_folder: ClassVar[bool] = False  # the result is a pipeline folder (SFD), not a .safetensors file
     maskable: ClassVar[bool] = False  # a saliency mask (--mask) can confine its training
     computes_mask: ClassVar[bool] = False  # it makes its own saliency mask before training (SalUn)
+    shardable: ClassVar[bool] = False  # it implements shard() (--fsdp)
 
     params: dict[str, torch.Tensor]
+    sharding = None  # an erasure.sharding.Sharding once shard() has run
 
     def __init__(self, pipe, concept, config, ctx: Context):
         self.pipe, self.concept, self.config, self.ctx = pipe, concept, config, ctx
@@ -102,6 +106,14 @@ class Method(ABC):
         """The networks gradients flow through (gradient checkpointing is enabled on them)."""
         return [self.unet]
 
+    def shard(self, sharding) -> None:
+        """``--fsdp``: shard the networks it trains (and large frozen ones) with :func:`erasure.sharding.shard`, then
+        point ``params`` at the sharded parameters. Called after the levers and the mask, before the optimisers."""
+        raise UserError(f"{self.name}: --fsdp is not supported")
+
+    def after_backward(self) -> None:
+        """Hook between the backward pass and the optimiser step (a sharded run gates its gradients here)."""
+
     def train_step(self, gen: torch.Generator, optimizers: dict, accelerator, step: int) -> float | dict:
         """Hook: one training iteration → its logged loss(es). Default: one loss, one backward, one step of the
         single optimiser. Methods with several networks or optimisers (SFD) override this, not the loop."""
@@ -112,6 +124,7 @@ class Method(ABC):
             raise UserError(f"{self.name}: the loss became {loss.item()} at step {step}; lower --lr")
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
+        self.after_backward()
         optimizer_step(accelerator, opt)
         opt.zero_grad(set_to_none=True)  # gradients are not kept between steps
         return round(loss.item(), 6)
@@ -243,6 +256,7 @@ class FineTuneMethod(Method):
     can confine them, and the artifact is θ − θ₀ of the shipped ones."""
 
     maskable = True
+    shardable = True
     uses_reference: ClassVar[bool] = True  # its loss runs the frozen model θ₀ (ESD); SalUn's does not
 
     def __init__(self, pipe, concept, config, ctx: Context):
@@ -270,8 +284,45 @@ class FineTuneMethod(Method):
         raise NotImplementedError
 
     def frozen(self):
-        """Context: the UNet with its original weights θ₀ (the frozen reference model)."""
+        """Context → the frozen reference model: the UNet with its original weights θ₀ swapped in (sharded: a
+        sharded copy of it)."""
+        if self.sharding is not None:
+            return nullcontext(self.reference_net)
         return swapped(self.unet, self.reference)
+
+    def shard(self, sharding) -> None:
+        """The UNet sharded; the frozen reference θ₀ (when the loss runs it) becomes a sharded copy of the UNet in
+        the reference's precision; the exact fp32 θ₀ for θ − θ₀ waits on disk, on the main process only; a mask
+        gates the sharded gradients in :meth:`after_backward`."""
+        if self.uses_reference:
+            ref = deepcopy(self.unet).requires_grad_(False)
+            ref_params = dict(ref.named_parameters())
+            for n, v in self.reference.items():
+                ref_params[n].data = v
+            self.reference_net = shard(ref, sharding)
+        self.reference = {}
+        shard(self.unet, sharding)
+        params = dict(self.unet.named_parameters())
+        self.params = {n: params[n] for n in self.params}
+        if self.mask is not None:
+            self.mask_shards = {n: like(self.params[n], m) for n, m in self.mask.masks.items() if n in self.params}
+        main = self.ctx.accelerator is None or self.ctx.accelerator.is_main_process
+        if not main:
+            self.close()
+            self.original = {}
+        elif not isinstance(self.original, SpilledTensors):
+            self.original = SpilledTensors(self.original, self.ctx.scratch or ".")
+        self.sharding = sharding
+
+    def after_backward(self) -> None:
+        if self.sharding is None or self.mask is None:
+            return  # unsharded, the mask's hooks gated the gradients as they were computed
+        for n, p in self.params.items():
+            if p.grad is not None:
+                if n in self.mask_shards:
+                    p.grad.mul_(self.mask_shards[n])
+                else:
+                    p.grad.zero_()
 
     def cast_frozen(self, dtype: torch.dtype) -> None:
         """Mixed precision: besides the frozen networks, the frozen reference θ₀ runs in ``dtype`` (when the loss
@@ -304,8 +355,11 @@ class FineTuneMethod(Method):
 
     def delta(self) -> dict[str, torch.Tensor]:
         """θ − θ₀ of the shipped parameters; with a mask, exactly 0 outside it."""
-        out = {n: (self.params[n].detach().float() - self.original[n].to(self.params[n].device).float())
-               for n in self.shipped_names()}
+        out = {}
+        for n in self.shipped_names():
+            theta = full(self.params[n].detach())  # sharded: gathered by every process, kept by the main one
+            if n in self.original:
+                out[n] = theta.float() - self.original[n].to(theta.device).float()
         return {n: self.mask.gate(n, d) for n, d in out.items()} if self.mask is not None else out
 
     def artifact(self, model_id: str) -> tuple[dict, dict, None]:

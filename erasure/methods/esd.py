@@ -87,11 +87,11 @@ class ESD(FineTuneMethod):
         cond = self.prompt_embeds[idx]  # (B, 77, D)
         null = self.null_embed.expand_as(cond)
         stop = int(torch.randint(cfg.ddim_steps, (1,), generator=gen))
-        with self.frozen() if cfg.sample_with == "frozen" else nullcontext():
-            z, t = partial_ddim(self.unet, self.sampler, cond, null, n_steps=cfg.ddim_steps, stop_at=stop,
+        with self.frozen() if cfg.sample_with == "frozen" else nullcontext(self.unet) as net:
+            z, t = partial_ddim(net, self.sampler, cond, null, n_steps=cfg.ddim_steps, stop_at=stop,
                                 guidance=cfg.start_guidance, gen=gen)
         t = t.expand(cfg.batch_size).to(z.device)
-        with torch.no_grad(), self.frozen():
-            e_null, e_c = denoise(self.unet, torch.cat([z, z]), torch.cat([t, t]), torch.cat([null, cond])).chunk(2)
+        with torch.no_grad(), self.frozen() as frozen:
+            e_null, e_c = denoise(frozen, torch.cat([z, z]), torch.cat([t, t]), torch.cat([null, cond])).chunk(2)
         e_theta = denoise(self.unet, z, t, cond)
         return esd_loss(e_theta, e_c, e_null, cfg.eta).mean()

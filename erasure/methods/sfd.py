@@ -38,6 +38,7 @@ from adapters.artifact import module_fingerprint
 from adapters.errors import UserError
 from erasure.config import option
 from erasure.methods.base import Method, add_noise, cfg_eps, ddim_steps, run_metadata
+from erasure.sharding import full_state_dict, shard
 from erasure.toyworld.models import GUIDANCE
 from pipelines.one_step import OneStepPipeline, one_step_latents
 from pipelines.prediction import prediction_type_of, target, to_x0
@@ -162,6 +163,7 @@ class SFD(Method):
     title = "distil a one-step generator that never learns the concept (SFD, Chen et al. 2025)"
     config_class = SFDConfig
     writes_folder = True
+    shardable = True
     # the toy world (README, "Measured on the toy world"): κ 2 as SiD-LSG's run_sid.sh; EMA as SiD, which distils from
     # scratch; the regression samples at the toy world's sampler CFG; t_max 700:
     # above it the teacher's x̂₀ is mostly the caption's mean
@@ -340,7 +342,7 @@ class SFD(Method):
 
     def _sync_and_step(self, net, opt, clip: bool) -> None:
         params = [p for p in net.parameters() if p.grad is not None]
-        if self.acc.num_processes > 1:
+        if self.acc.num_processes > 1 and self.sharding is None:  # sharded: FSDP averaged them already
             for p in params:
                 dist.all_reduce(p.grad)
                 p.grad /= self.acc.num_processes
@@ -375,12 +377,28 @@ class SFD(Method):
             if net is not None:
                 net.load_state_dict({n[len(k) + 1 :]: v for n, v in tensors.items() if n.startswith(f"{k}/")})
 
+    def shard(self, sharding) -> None:
+        """The teacher (frozen), the fake score, the generator and its EMA, each sharded. Every process still draws
+        the global batch and keeps its rows; FSDP averages the gradients."""
+        self.unet_class = type(self.teacher)
+        for net in (self.teacher, self.fake, self.G, self.G_ema):
+            if net is not None:
+                shard(net, sharding)
+        self.sharding = sharding
+
     # -- the result ---------------------------------------------------------------------------------------------
     def student(self):
         """The distilled one-step pipeline (shares the VAE and text encoder with the teacher pipeline); its UNet is
         the generator's EMA when ``ema_halflife_kimg`` > 0."""
         p = self.pipe
-        G = deepcopy(self.G_ema if self.G_ema is not None else self.G).eval().requires_grad_(False)
+        src = self.G_ema if self.G_ema is not None else self.G
+        if self.sharding is None:
+            G = deepcopy(src)
+        else:  # gathered whole by every process (a collective)
+            G = self.unet_class.from_config(src.config)
+            G.load_state_dict(full_state_dict(src))
+            G.to(p.vae.device)
+        G = G.eval().requires_grad_(False)
         return OneStepPipeline(vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=G,
                                scheduler=DDPMScheduler.from_config(p.scheduler.config), init_timestep=self.config.t_init,
                                text_encoder_2=getattr(p, "text_encoder_2", None),
