@@ -39,6 +39,7 @@ from erasure.sharding import sharding_for
 # run options that only steer the command line, never the training
 _CLI_ONLY = ("dry_run",)
 _NOT_RECORDED = ("dry_run", "quiet", "resume")
+_PER_METHOD = ("steps", "lr", "batch_size")  # run options that exist only where the method's config has them
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def plan(concept: str, method: str = "spm", options: dict | None = None) -> Plan
     options = {k: v for k, v in (options or {}).items() if v is not None}
     run_fields = {f.name: f for f in fields(TrainConfig) if f.name not in ("concept", "method", *_CLI_ONLY)}
     method_fields = {f.name: f for f in fields(cls.config_class)}
-    stray = [k for k in options if k not in run_fields and k not in method_fields]
+    stray = [k for k in options if (k not in run_fields or k in _PER_METHOD) and k not in method_fields]
     if stray:
         raise UserError(f"--{stray[0].replace('_', '-')} is not an option of --method {method}")
     if isinstance(options.get("prompts"), (list, tuple)):
@@ -132,7 +133,8 @@ def plan(concept: str, method: str = "spm", options: dict | None = None) -> Plan
     mcfg = resolve_method_config(cls, on_toy=run.model == concepts.TOY_MODEL,
                                  preset_overrides=resolved.method_overrides, explicit=explicit)
     cls.check(mcfg, resolved)  # bad method options fail before any model is loaded
-    run.steps, run.lr, run.batch_size = mcfg.steps, mcfg.lr, mcfg.batch_size
+    # a closed-form method (UCE) has no lr or batch and one step per edit round
+    run.steps, run.lr, run.batch_size = steps_of(mcfg), getattr(mcfg, "lr", None), getattr(mcfg, "batch_size", None)
     if run.output is None:
         stem = f"{resolved.name.replace(' ', '_')}-{method}"
         run.output = str(Path("outputs") / (stem if cls.writes_folder else stem + ".safetensors"))
@@ -141,6 +143,13 @@ def plan(concept: str, method: str = "spm", options: dict | None = None) -> Plan
     if not cls.writes_folder and not run.output.endswith(".safetensors"):
         raise UserError(f"--output must end in .safetensors (got {run.output})")
     return Plan(run, resolved, mcfg, cls)
+
+
+def steps_of(config) -> int:
+    """The fit loop's iterations for a method config: its ``steps``, or ``rounds`` + 1 / one solve (closed form)."""
+    if hasattr(config, "steps"):
+        return config.steps
+    return getattr(config, "rounds", 0) + 1
 
 
 def _check_fsdp(run: TrainConfig, cls: type[Method]) -> None:
@@ -254,7 +263,7 @@ def execute(p: Plan) -> Result:
         if sharding is not None:
             method.shard(sharding)
         with tf32(run.allow_tf32):
-            history = fit(method, steps=p.config.steps, output=output, seed=run.seed, accelerator=accelerator,
+            history = fit(method, steps=steps_of(p.config), output=output, seed=run.seed, accelerator=accelerator,
                           checkpoint_every=0 if sharding else run.checkpoint_every, resume=run.resume, quiet=run.quiet)
         record = {"artifact": str(output), "seconds": round(time.time() - t0, 1),
                   "final_loss": history[-1] if history else None, "config": asdict(run),
