@@ -146,4 +146,5 @@ def test_every_method_keeps_its_config_and_toy_defaults_in_its_own_file():
         assert cls.config_class.__module__ == cls.__module__
         field_names = {f for f in cls.config_class.__dataclass_fields__}
         assert set(cls.toy_defaults) <= field_names, f"{name}: toy defaults name unknown fields"
-        assert {"steps", "lr", "batch_size"} <= field_names
+        # a trained method has the shared training options; a closed-form one (UCE, RECE) has none of them
+        assert {"steps", "lr", "batch_size"} <= field_names or not {"steps", "lr", "batch_size"} & field_names
