@@ -218,14 +218,16 @@ def _real_presets() -> dict[str, Concept]:
             name=name, kind="artist", prompts=(name, f"a painting in the style of {name}"),
             substitute="a painting", override="a painting",
             anchors=("a painting", "a painting in the style of claude monet"),
-            method_overrides={"esd": {"variant": "esd-x"}},
+            # UCE maps artists to "art"; RECE's artist recipe: λ_reg 1e-3, one round (README)
+            method_overrides={"esd": {"variant": "esd-x"}, "uce": {"guide": "art"},
+                              "rece": {"guide": "art", "lam_reg": 1e-3, "rounds": 1}},
         )
     for name in _OBJECTS:
         out[name] = Concept(
             name=name, kind="object", prompts=(name, f"an image of a {name}"),
             substitute="an image of an object", override="an image",
             anchors=tuple(f"an image of a {o}" for o in _OBJECTS if o != name)[:4],
-            method_overrides={"esd": {"variant": "esd-u"}},
+            method_overrides={"esd": {"variant": "esd-u"}, "rece": {"rounds": 1}},  # RECE: objects, one round
         )
     return out
 

@@ -8,7 +8,8 @@ is stopped and reported as ``> limit`` (the machine's memory is not the bench's 
 
 Lever sets: ``fp32`` (none) and ``levers`` (bf16 mixed precision with frozen networks in bf16, gradient
 checkpointing, and for SFD the factored optimiser). The options shrink each method's set-up to what one step needs
-(2 sampling steps, 2 generated images for SalUn, batch 1) — the step itself is full size.
+(2 sampling steps, 2 generated images for SalUn, batch 1) — the step itself is full size. The closed-form methods
+run their whole edit (UCE) or the edit and one adversarial round (RECE).
 """
 
 from __future__ import annotations
@@ -24,17 +25,19 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("spm", "esd", "salun", "sfd")
+METHODS = ("spm", "esd", "salun", "sfd", "uce", "rece")
 MODELS = ("tiny", "sd1", "sdxl")
 LEVERS = {"fp32": {}, "levers": {"mixed_precision": "bf16", "gradient_checkpointing": True}}
 SFD_LEVERS = {"optimizer": "factored"}  # SFD's memory mode adds the compact optimiser state
 TARGETS_GB = {"sd1": {"spm": 8, "esd": 16, "salun": 16, "sfd": 22}}  # levers on, CPU (issue targets)
 # one full-size step: the smallest set-up each method accepts (the step's tensors are the model's full size)
 STEP_OPTIONS = {
-    "spm": {"ddim_steps": 2},
-    "esd": {"ddim_steps": 2},
-    "salun": {"forget_images": 2, "retain_images": 2, "sample_steps": 2, "mask_batches": 1, "batch_size": 1},
-    "sfd": {"batch_size": 1},
+    "spm": {"steps": 1, "ddim_steps": 2},
+    "esd": {"steps": 1, "ddim_steps": 2},
+    "salun": {"steps": 1, "forget_images": 2, "retain_images": 2, "sample_steps": 2, "mask_batches": 1, "batch_size": 1},
+    "sfd": {"steps": 1, "batch_size": 1},
+    "uce": {},  # closed form: the whole edit
+    "rece": {"rounds": 1},  # the edit and one adversarial round
 }
 
 
@@ -58,7 +61,7 @@ def model_folder(model: str, cache: Path) -> Path:
 
 def case_options(model_dir: Path, method: str, levers: str, output: Path) -> dict:
     extra = SFD_LEVERS if method == "sfd" and levers == "levers" else {}
-    return {"model": str(model_dir), "steps": 1, "checkpoint_every": 0, "quiet": True, "output": str(output),
+    return {"model": str(model_dir), "checkpoint_every": 0, "quiet": True, "output": str(output),
             **STEP_OPTIONS[method], **LEVERS[levers], **extra}
 
 
