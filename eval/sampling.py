@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from adapters.errors import UserError
+from pipelines import prediction
 from pipelines.one_step import one_step_latents
 from pipelines.text import encode
 
@@ -47,15 +48,22 @@ class Sampler:
         shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
-    @torch.no_grad()
-    def latents(self, terms: Sequence[tuple[torch.Tensor, float]], seeds: Sequence[int]) -> torch.Tensor:
-        """Clean latents for a composition ``terms`` = [(embeds (B, L, D), weight), ...], one image per seed (B)."""
+    def _context(self, terms, n: int) -> tuple[torch.Tensor, list[float]]:
+        """One conditioning tensor for every step ([∅, c₁, …], each repeated n times; transport scores its rows
+        once) and the composition's weights."""
         dtype = self.pipe.unet.dtype
-        z = self.noise(seeds).to(self.device, dtype)
-        conds = [e.to(self.device, dtype).expand(len(seeds), -1, -1) for e, _ in terms]
-        uncond = self.uncond.to(self.device, dtype).expand(len(seeds), -1, -1)
-        weights = [float(w) for _, w in terms]
-        context = torch.cat([uncond, *conds])  # one tensor for every step: transport scores its rows once
+        conds = [e.to(self.device, dtype).expand(n, -1, -1) for e, _ in terms]
+        uncond = self.uncond.to(self.device, dtype).expand(n, -1, -1)
+        return torch.cat([uncond, *conds]), [float(w) for _, w in terms]
+
+    @torch.no_grad()
+    def latents(self, terms: Sequence[tuple[torch.Tensor, float]], seeds: Sequence[int],
+                start: torch.Tensor | None = None) -> torch.Tensor:
+        """Clean latents for a composition ``terms`` = [(embeds (B, L, D), weight), ...], one image per seed (B), or
+        sampled from the given noisy latents ``start`` (B, C, h, w) (e.g. an inverted image) instead of the seeds'."""
+        dtype = self.pipe.unet.dtype
+        z = self.noise(seeds).to(self.device, dtype) if start is None else start.to(self.device, dtype)
+        context, weights = self._context(terms, len(z))
         if is_one_step(self.pipe):
             t = int(self.pipe.config.init_timestep)
             one_step_weights = [w / self.guidance for w in weights]
@@ -64,7 +72,7 @@ class Sampler:
                                     self.pipe.prediction_type)
         sched = self.pipe.scheduler
         sched.set_timesteps(self.steps)
-        z = z * sched.init_noise_sigma
+        z = z * sched.init_noise_sigma if start is None else z
         for t in sched.timesteps:
             eps = self._composed(sched.scale_model_input(z, t), t, context, weights)
             z = sched.step(eps, t, z).prev_sample
@@ -77,6 +85,40 @@ class Sampler:
         for w, e in zip(weights, out[1:]):
             eps += w * (e - out[0])
         return eps
+
+    @torch.no_grad()
+    def invert(self, latents: torch.Tensor, terms: Sequence[tuple[torch.Tensor, float]],
+               seeds: Sequence[int]) -> torch.Tensor:
+        """DDIM inversion (η = 0) of clean ``latents`` (B, C, h, w) under the composition ``terms``: the noisy
+        latents from which :meth:`latents` (``start=``) regenerates them, run backwards through the same timesteps
+        (ε at each level taken at the level below, as DDIM inversion does). A one-step student has no trajectory:
+        its input is the latents noised to its t_init by the forward process, with the ``seeds``' noise."""
+        dtype = self.pipe.unet.dtype
+        z = latents.to(self.device, dtype)
+        if is_one_step(self.pipe):  # x_t = √ᾱ x₀ + √(1−ᾱ) ε, and the student's input is x_t / √(1−ᾱ)
+            a = self.pipe.scheduler.alphas_cumprod[int(self.pipe.config.init_timestep)].float()
+            noise = self.noise(seeds).to(self.device)
+            return ((a / (1 - a)).sqrt() * z.float() + noise).to(dtype)
+        context, weights = self._context(terms, len(z))
+        sched = self.pipe.scheduler
+        sched.set_timesteps(self.steps)
+        abar = sched.alphas_cumprod.to(self.device, torch.float32)
+        kind = sched.config.get("prediction_type", "epsilon")
+        a_prev = torch.as_tensor(getattr(sched, "final_alpha_cumprod", abar[0]), dtype=torch.float32)
+        for t in sched.timesteps.flip(0):
+            out = self._composed(z, t, context, weights).float()
+            eps = prediction.to_eps(out, z.float(), abar[t], kind)
+            x0 = (z.float() - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
+            a_prev = abar[t]
+            z = (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).to(dtype)
+        return z
+
+    @torch.no_grad()
+    def encode_images(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 images (N, H, W, 3) → the VAE's latents (N, C, h, w) (the posterior's mean, scaled)."""
+        vae = self.pipe.vae
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(self.device, vae.dtype)
+        return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

@@ -316,3 +316,22 @@ def test_nudity_without_phrasings_is_a_clear_error(tmp_path, capsys):
     save_tiny(tiny_sd_pipeline("sd1"), tmp_path / "sd")
     assert main(["--model", str(tmp_path / "sd"), "--concept", "nudity", "--quiet"]) == 2
     assert "--phrasings" in capsys.readouterr().err
+
+
+def test_ddim_inversion_round_trips_and_image_inversion_brings_the_concept_back(toy, judge):
+    """Inverting a toy image and sampling from the result gives the image back (DDIM's round trip, 25 steps), and on
+    the base model the text-free attack regenerates the circles it was given."""
+    from eval.attacks import ImageInversion, concept_images
+
+    s = Sampler(toy, steps=25, guidance=GUIDANCE)
+    images = concept_images("circle", 4, seed=0)
+    x0 = s.encode_images(images)
+    terms = [(s.embed([""]), 1.0)]
+    back = s.latents(terms, [0, 1, 2, 3], start=s.invert(x0, terms, [0, 1, 2, 3]))
+    assert ((back - x0).norm() / x0.norm()) < 0.1
+    t = toy_target(toy, "circle", base=toy, judge=judge)
+    assert t.images.shape[1:] == (32, 32, 3) and all(s.has("circle") for s in judge.classify(t.images[:8]))
+    r = ImageInversion(images=4).run(t, s)
+    assert r.n == 4 and r.asr >= 0.75 and r.details["originals_rate"] == 1.0
+    with pytest.raises(Exception, match="names the concept"):
+        ImageInversion(images=1, prompt="a circle").run(t, s)
