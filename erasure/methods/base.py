@@ -74,9 +74,10 @@ class Method(ABC):
         """Refuse bad options before any model is loaded (a one-line UserError each)."""
 
     # -- training: the fit loop calls these ---------------------------------------------------------------------
-    @abstractmethod
     def loss(self, gen: torch.Generator) -> torch.Tensor:
-        """One step's scalar loss; all randomness drawn from ``gen`` (resumable, deterministic)."""
+        """One step's scalar loss; all randomness drawn from ``gen`` (resumable, deterministic). The default
+        :meth:`train_step` calls it; a method that overrides :meth:`train_step` (SFD, the closed-form UCE) needs none."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither loss() nor train_step()")
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The optimisers, by name (the checkpoint's key prefix). Default: Adam over ``params``, no weight decay."""

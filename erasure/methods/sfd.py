@@ -354,9 +354,6 @@ class SFD(Method):
         opt.zero_grad(set_to_none=True)  # one network's gradients at a time
 
     # -- the fit loop's hooks ------------------------------------------------------------------------------------
-    def loss(self, gen: torch.Generator) -> torch.Tensor:
-        raise NotImplementedError("SFD updates two networks: the fit loop calls train_step")
-
     def train_step(self, gen, optimizers: dict, accelerator, step: int) -> dict:
         """``fake_steps`` fake-score updates, one generator update, the EMA → {"fake", "generator"} losses."""
         cfg = self.config

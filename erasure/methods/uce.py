@@ -145,9 +145,6 @@ class UCE(FineTuneMethod):
     def optimizers(self) -> dict:
         return {}
 
-    def loss(self, gen: torch.Generator) -> torch.Tensor:
-        raise NotImplementedError("a closed-form method: the fit loop calls train_step")
-
     def apply_transform(self, base: dict[str, torch.Tensor], T: torch.Tensor) -> None:
         """Every edited weight ← base weight · T."""
         with torch.no_grad():
