@@ -47,18 +47,20 @@ def _report(judge, artifact):
         return concept_report(pipe, judge, "circle", images_per_prompt=1)
 
 
+def _erase_circle(factory, method: str):
+    out = factory.mktemp(method) / f"circle-{method}.safetensors"
+    assert main(["--concept", "circle", "--method", method, "--output", str(out), "--quiet"]) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def uce_circle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("uce") / "circle-uce.safetensors"
-    assert main(["--concept", "circle", "--method", "uce", "--output", str(out), "--quiet"]) == 0
-    return out
+    return _erase_circle(tmp_path_factory, "uce")
 
 
 @pytest.fixture(scope="module")
 def rece_circle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rece") / "circle-rece.safetensors"
-    assert main(["--concept", "circle", "--method", "rece", "--output", str(out), "--quiet"]) == 0
-    return out
+    return _erase_circle(tmp_path_factory, "rece")
 
 
 def test_uce_artifact_is_a_delta_of_the_cross_attention_keys_and_values(uce_circle):
