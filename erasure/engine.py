@@ -14,7 +14,6 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from erasure import concepts
 from erasure.concepts import Concept
 from erasure.config import TrainConfig, resolve_method_config
 from erasure.methods import METHODS
-from erasure.methods.base import Context, Method
+from erasure.methods.base import Context, Method, tf32
 from erasure.optim import import_bitsandbytes
 from erasure.sharding import sharding_for
 
@@ -208,18 +207,6 @@ def apply_levers(method: Method, run: TrainConfig) -> None:
             module.enable_gradient_checkpointing()
 
 
-@contextmanager
-def tf32(allow: bool):
-    """``--allow-tf32``: TF32 matmuls and convolutions while the run trains; the caller's settings afterwards."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    if allow:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def mask_path(output: Path) -> Path:
     """Where a run that computes a saliency mask writes it: beside its artifact, ``<name>.mask.safetensors``."""
     return output.with_name(output.name.removesuffix(".safetensors") + ".mask.safetensors")
@@ -262,7 +249,7 @@ def execute(p: Plan) -> Result:
             _use_mask(method, run, output)
         if sharding is not None:
             method.shard(sharding)
-        with tf32(run.allow_tf32):
+        with tf32(True if run.allow_tf32 else None):
             history = fit(method, steps=steps_of(p.config), output=output, seed=run.seed, accelerator=accelerator,
                           checkpoint_every=0 if sharding else run.checkpoint_every, resume=run.resume, quiet=run.quiet)
         record = {"artifact": str(output), "seconds": round(time.time() - t0, 1),

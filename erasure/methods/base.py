@@ -163,6 +163,19 @@ def optimizer_step(accelerator, opt: torch.optim.Optimizer) -> None:
     scaler.update()
 
 
+@contextmanager
+def tf32(enabled: bool | None):
+    """TF32 matmuls and convolutions on (``--allow-tf32``) or off (SiD / SFD, unless allowed) while the block runs;
+    ``None`` leaves them as they are. The caller's settings afterwards."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if enabled is not None:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def cast_frozen(module: torch.nn.Module, dtype: torch.dtype, keep: set[int] = frozenset()) -> None:
     """Cast ``module``'s floating parameters and buffers to ``dtype`` in place, except the parameters whose ``id``
     is in ``keep`` (the trained ones) and the buffers of modules holding any of those (a membrane's alpha)."""

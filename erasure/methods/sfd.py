@@ -26,7 +26,6 @@ N processes follow a 1-process run with the same global batch.
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 from dataclasses import dataclass
 
@@ -37,7 +36,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from adapters.artifact import module_fingerprint
 from adapters.errors import UserError
 from erasure.config import option
-from erasure.methods.base import Method, add_noise, cfg_eps, ddim_steps, run_metadata
+from erasure.methods.base import Method, add_noise, cfg_eps, ddim_steps, run_metadata, tf32
 from erasure.sharding import full_state_dict, shard
 from erasure.toyworld.models import GUIDANCE
 from pipelines.one_step import OneStepPipeline, one_step_latents
@@ -138,17 +137,6 @@ def _finite_mean(rows: torch.Tensor, n: int) -> torch.Tensor:
     """Σ of the finite per-sample losses / n (non-finite rows dropped, as the SiD code does)."""
     ok = torch.isfinite(rows)
     return rows[ok].sum() / n
-
-
-@contextmanager
-def no_tf32():
-    """SiD / SFD turn TF32 and reduced-precision reductions off; restore the caller's settings afterwards."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -357,7 +345,7 @@ class SFD(Method):
     def train_step(self, gen, optimizers: dict, accelerator, step: int) -> dict:
         """``fake_steps`` fake-score updates, one generator update, the EMA → {"fake", "generator"} losses."""
         cfg = self.config
-        with nullcontext() if self.ctx.allow_tf32 else no_tf32():
+        with tf32(self.ctx.allow_tf32):  # SiD turns TF32 off unless the user allowed it
             lf = sum(self._fake_step(gen, optimizers["opt_fake"]) for _ in range(cfg.fake_steps)) / cfg.fake_steps
             lg = self._generator_step(gen, optimizers["opt_g"])
             self._update_ema(step)
