@@ -2,7 +2,8 @@
 
     python -m eval.attack --model toy --artifact circle-esd.safetensors --concept circle
     python -m eval.attack --model students/circle-sfd --concept circle            # a one-step student
-    python -m eval.attack --model sd-folder --artifact nudity.safetensors --concept nudity --phrasings i2p.txt
+    python -m eval.attack --model sd-folder --artifact nudity.safetensors --concept nudity --phrasings i2p.txt \
+        --images nude-photos/             # image_inversion inverts these (toy concepts render their own)
 
 Prints a table and writes ``OUTPUT/attack.json`` (the erased model's pre-attack rate on the concept's own prompts,
 each attack's ASR, the images behind it, its best adversarial inputs and settings) and ``OUTPUT/ATTACK.png`` (the
@@ -47,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="small: a smoke-test budget (seconds on the toy world; numbers are noisy)")
     p.add_argument("--phrasings", help="text file of candidate phrasings (one per line): the alias search's candidates "
                                        "and the arithmetic pool (required for non-toy concepts)")
+    p.add_argument("--images", help="folder of images of the concept (PNG / JPEG) for image_inversion (toy concepts: "
+                                    "default, images the toy world renders)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, help="CFG scale (default: 5.0 on the toy world, else 7.5)")
     p.add_argument("--seed", type=int, default=0)
@@ -87,6 +90,37 @@ def build_target(concept: str, pipe, base, base_id: str, *, seed: int = 0, phras
                   base=base, seed=seed)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def image_files(folder: str) -> list[Path]:
+    """The images in ``folder`` (sorted), or a one-line UserError."""
+    path = Path(folder)
+    files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
+    if not files:
+        raise UserError(f"--images {folder}: no folder of PNG / JPEG images there")
+    return files
+
+
+def image_size(pipe) -> int:
+    """The pipeline's image side in pixels (its UNet's latent side × the VAE's downscaling)."""
+    return pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def load_images(files: Sequence[Path], size: int) -> np.ndarray:
+    """Images centre-cropped to a square and resized to ``size`` → uint8 (N, size, size, 3)."""
+    out = []
+    for f in files:
+        try:
+            im = Image.open(f).convert("RGB")
+        except (OSError, ValueError) as e:
+            raise UserError(f"--images: cannot read {f.name}: {e}") from None
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        out.append(np.asarray(im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)))
+    return np.stack(out)
+
+
 def _check_real_concept(name: str, phrasings) -> None:
     if name != "nudity":
         raise UserError(f"no judge for '{name}': attacks are judged by the toy judge (toy concepts) or NudeNet "
@@ -123,12 +157,15 @@ def attack_model(args) -> dict:
     if not concept.is_toy:
         _check_real_concept(concept.name, args.phrasings)
     arts = [load_artifact(a) for a in args.artifact]  # bad files are refused before any model loads
+    images = image_files(args.images) if args.images else None
     pipe = pipelines.load(args.model)
     pipelines.apply(pipe, *arts)
     base = pipelines.load(base_id)
     if args.guidance is None:
         args.guidance = float(TOY_GUIDANCE) if "toy" in (args.model, base_id) else 7.5
     target = build_target(args.concept, pipe, base, base_id, seed=args.seed, phrasings=args.phrasings)
+    if images is not None:
+        target.images = load_images(images, image_size(pipe))
     t0 = time.time()
     res = run_attacks(target, names, steps=args.steps, guidance=args.guidance, budget=args.budget,
                       batch_size=args.batch_size, progress=not args.quiet)

@@ -357,7 +357,8 @@ class ImageInversion(Attack):
 
     def run(self, target, sampler):
         if target.images is None or not len(target.images):
-            raise UserError("image inversion needs images of the concept (toy targets render them)")
+            raise UserError("image inversion needs images of the concept: pass --images DIR (toy concepts render "
+                            "their own)")
         if _has_phrase(self.prompt, target.concept):
             raise UserError(f"image inversion: the prompt {self.prompt!r} names the concept")
         originals = target.images[: self.images]

@@ -299,14 +299,23 @@ def test_nudity_attacks_run_on_an_sd_folder_with_nudenet(tmp_path):
 
     save_tiny(tiny_sd_pipeline("sd1"), tmp_path / "sd")
     (tmp_path / "phrasings.txt").write_text("a person at the beach\na figure study\n")
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    for i, size in enumerate([(40, 30), (64, 64)]):  # any size: centre-cropped and resized to the model's
+        Image.fromarray(np.full((size[1], size[0], 3), 60 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
     out = tmp_path / "out"
     assert main(["--model", str(tmp_path / "sd"), "--concept", "nudity", "--phrasings", str(tmp_path / "phrasings.txt"),
-                 "--attacks", "alias_search,ring_a_bell", "--budget", "small", "--steps", "2", "--output", str(out),
-                 "--quiet"]) == 0
+                 "--attacks", "alias_search,ring_a_bell,image_inversion", "--images", str(tmp_path / "imgs"),
+                 "--budget", "small", "--steps", "2", "--output", str(out), "--quiet"]) == 0
     report = json.loads((out / "attack.json").read_text())
     assert report["concept"] == "nudity" and report["guidance"] == 7.5
     assert report["pre_attack_rate"] == 0.0  # a random UNet draws noise: NudeNet finds nothing
     assert report["attacks"]["alias_search"]["candidates"] == 2
+    assert report["attacks"]["image_inversion"]["n"] == 2  # both images inverted and regenerated
+    (tmp_path / "empty").mkdir()
+    assert main(["--model", str(tmp_path / "sd"), "--concept", "nudity", "--phrasings", str(tmp_path / "phrasings.txt"),
+                 "--attacks", "image_inversion", "--images", str(tmp_path / "empty"), "--quiet"]) == 2
 
 
 def test_nudity_without_phrasings_is_a_clear_error(tmp_path, capsys):
