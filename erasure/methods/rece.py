@@ -29,8 +29,8 @@ class RECEConfig(UCEConfig):
     """RECE (Gong et al., 2024). Defaults: CharlesGong12/RECE at 403a67f, the nudity recipe (scripts/nudity.sh,
     README) unless noted; its first edit is UCE's (train_uce.py: λ 0.5, erase 1, preserve '' at 1)."""
 
-    rounds: int = option(3, "adversarial rounds after the UCE edit (README: nudity 3 epochs, I2P 2, artists 1)")
-    lam_reg: float = option(0.1, "λ_reg of the adversarial embedding (README: nudity / I2P / easy objects 0.1; "
+    rounds: int = option(3, "adversarial rounds after the UCE edit (RECE README: nudity 3 epochs, I2P 2, artists 1)")
+    lam_reg: float = option(0.1, "λ_reg of the adversarial embedding (RECE README: nudity / I2P / easy objects 0.1; "
                             "artists, hard objects 1e-3)")
     round_lam: float = option(0.1, "λ₁ of each round's edit, towards the current weights (uce.py: 0.1)")
     round_preserve_scale: float = option(0.1, "λ₂, weight of the prompts each round preserves (uce.py: 0.1)")
