@@ -17,10 +17,12 @@ def resolve(concept: str, method: str = "spm", **options) -> Plan:
     """Resolve ``concept``, ``method`` and ``options`` into a :class:`~erasure.engine.Plan` without loading a model.
 
     ``options`` are the run's — ``model`` ('toy', a local diffusers folder or a cached hub id), ``output``,
-    ``prompts`` (a list, or '|'-separated), ``seed``, ``steps``, ``lr``, ``batch_size``, ``mask``,
-    ``mixed_precision``, ``device``, ``attention``, ``checkpoint_every``, ``resume``, ``quiet`` — and the method's
-    own (``python -m erasure.train --method NAME --help`` lists them with their defaults). Unknown options, bad
-    values and bad combinations raise :class:`adapters.errors.UserError` with one line.
+    ``prompts`` (a list, or '|'-separated), ``seed``, ``steps``, ``lr``, ``batch_size`` (those three only for
+    methods that train; UCE and RECE solve in closed form), ``mask``, the memory levers ``mixed_precision``,
+    ``gradient_checkpointing``, ``optimizer``, ``use_8bit_adam``, ``allow_tf32``, ``fsdp`` (under
+    ``accelerate launch``), ``device``, ``attention``, ``checkpoint_every``, ``resume``, ``quiet`` — and the
+    method's own (``python -m erasure.train --method NAME --help`` lists them with their defaults). Unknown options,
+    bad values and bad combinations raise :class:`adapters.errors.UserError` with one line.
     """
     return plan(concept, method, options)
 
