@@ -192,7 +192,7 @@ class ConceptArithmetic(Attack):
         if len(vocab) <= self.pool_size or not target.prompts:
             return vocab
         centre = sampler.embed(target.prompts).flatten(1).mean(0, keepdim=True)
-        emb = torch.cat([sampler.embed(vocab[i : i + 256]).flatten(1) for i in range(0, len(vocab), 256)])
+        emb = sampler.embed(vocab).flatten(1)
         sim = torch.nn.functional.cosine_similarity(emb, centre)
         return [vocab[i] for i in sim.argsort(descending=True)[: self.pool_size].tolist()]
 

@@ -14,9 +14,12 @@ import torch
 TIME_ID_UNIT = 64.0  # time ids are stored divided by this: multiples of 64 up to 16384 stay exact in bf16 and fp16
 
 
-def encode(pipe, prompts: list[str], size: tuple[int, int] | None = None) -> torch.Tensor:
+def encode(pipe, prompts: list[str], size: tuple[int, int] | None = None, chunk: int = 256) -> torch.Tensor:
     """The UNet's text conditioning for ``prompts`` (no CFG duplication): (P, 77, D) for SD 1.x / 2.x pipelines,
-    (P, 77 + k, D) packed for SDXL ones, whose time ids say ``size`` (height, width; default: the pipeline's)."""
+    (P, 77 + k, D) packed for SDXL ones, whose time ids say ``size`` (height, width; default: the pipeline's).
+    Long lists go through the text encoder ``chunk`` prompts at a time."""
+    if len(prompts) > chunk:
+        return torch.cat([encode(pipe, prompts[i : i + chunk], size, chunk) for i in range(0, len(prompts), chunk)])
     with torch.no_grad():
         out = pipe.encode_prompt(prompts, device=pipe.device, num_images_per_prompt=1,
                                  do_classifier_free_guidance=False)

@@ -94,7 +94,7 @@ class SalUn(FineTuneMethod):
                                                            substitute=config.substitute,
                                                            forget_prompt=config.forget_prompt, sampling=sampling)
         self.texts = texts
-        self.embeds = torch.cat([encode(pipe, texts[i : i + 256]) for i in range(0, len(texts), 256)])
+        self.embeds = encode(pipe, texts)
         self.null = encode(pipe, [""])
         device = self.unet.device
         self.forget.latents, self.retain.latents = self.forget.latents.to(device), self.retain.latents.to(device)

@@ -187,8 +187,7 @@ class SFD(Method):
                                                                 override=config.concept_override,
                                                                 remain_file=config.remain_prompts)
         self.prompts = {"remain": remain, "forget": forget, "override": override}
-        enc = lambda ps: torch.cat([encode(pipe, ps[i : i + 256]) for i in range(0, len(ps), 256)])  # noqa: E731
-        self.remain, self.forget, self.override = enc(remain), enc(forget), enc(override)
+        self.remain, self.forget, self.override = encode(pipe, remain), encode(pipe, forget), encode(pipe, override)
         self.null = encode(pipe, [""])
         self.pairs = self._regression_pairs() if config.regression_weight > 0 else None
 

@@ -129,8 +129,7 @@ class UCE(FineTuneMethod):
         self.preserve = self._rows(self.preserve_prompts).flatten(0, 1)  # (M·77, D)
 
     def _rows(self, prompts: list[str]) -> torch.Tensor:
-        return torch.cat([token_rows(encode(self.pipe, prompts[i : i + 256]), self.unet).float()
-                          for i in range(0, len(prompts), 256)])
+        return token_rows(encode(self.pipe, prompts), self.unet).float()
 
     def _preserve_prompts(self) -> list[str]:
         if self.config.preserve:
