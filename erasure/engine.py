@@ -256,11 +256,9 @@ def execute(p: Plan) -> Result:
                   "final_loss": history[-1] if history else None, "config": asdict(run),
                   "method_config": asdict(p.config), "loss": history, "processes": accelerator.num_processes,
                   "sharded": sharding is not None, **method.summary()}
-        if sharding is not None:  # gathering the sharded result is a collective: every process takes part
+        if accelerator.is_main_process or sharding is not None:  # sharded: gathering is a collective, all take part
             result, meta, extra = method.artifact(run.model)
         if accelerator.is_main_process:
-            if sharding is None:
-                result, meta, extra = method.artifact(run.model)
             meta["run"] = {k: v for k, v in asdict(run).items() if k not in _NOT_RECORDED}
             if p.folder:
                 save_pipeline_folder(result, output, meta)

@@ -66,20 +66,18 @@ class RECE(UCE):
         """The concept's adversarial embeddings c' (P·77, D) on the current weights, and their regeneration error."""
         c = self._round_rows()[0].double()  # (n, D)
         D = c.shape[1]
-        S = torch.zeros(D, D, dtype=torch.float64)
-        R = torch.zeros(D, D, dtype=torch.float64)
-        with torch.no_grad():
+        S, R, Q = (torch.zeros(D, D, dtype=torch.float64) for _ in range(3))  # Σ WᵀW, Σ WᵀW⁰, Σ W⁰ᵀW⁰
+        with torch.no_grad():  # one pass over the layers (their originals may be read back from disk)
             for n, p in self.params.items():
                 w, w0 = p.detach().double().cpu(), self.original[n].double().cpu()
                 S += w.T @ w
                 R += w.T @ w0
-            adv = torch.linalg.solve(self.config.lam_reg * torch.eye(D, dtype=torch.float64) + S, R @ c.T).T
-            num = den = 0.0
-            for n, p in self.params.items():
-                w, w0 = p.detach().double().cpu(), self.original[n].double().cpu()
-                num += float(((adv @ w.T - c @ w0.T) ** 2).sum())
-                den += float(((c @ w0.T) ** 2).sum())
-        return adv.float(), num / max(den, 1e-30)
+                Q += w0.T @ w0
+        adv = torch.linalg.solve(self.config.lam_reg * torch.eye(D, dtype=torch.float64) + S, R @ c.T).T
+        # Σ_l ‖W_l c' − W⁰_l c‖² = Σ_rows c'ᵀS c' − 2 c'ᵀR c + cᵀQ c
+        num = ((adv @ S) * adv).sum() - 2 * ((adv @ R) * c).sum() + ((c @ Q) * c).sum()
+        den = ((c @ Q) * c).sum()
+        return adv.float(), max(float(num), 0.0) / max(float(den), 1e-30)
 
     def train_step(self, gen, optimizers: dict, accelerator, step: int) -> float:
         """Step 0: UCE's edit → its residual. Step r ≥ 1: one adversarial round → the regeneration error it found."""
@@ -93,5 +91,5 @@ class RECE(UCE):
         keys, values = torch.cat([adv, self.keys]), torch.cat([values, self.values])
         T = edit_transform(keys, values, preserve, lam=cfg.round_lam, erase_scale=cfg.erase_scale,
                            preserve_scale=cfg.round_preserve_scale)
-        self.apply_transform({n: p.detach().clone() for n, p in self.params.items()}, T)
+        self.apply_transform(self.params, T)  # W ← W·T (each product is a new tensor before it is copied in)
         return round(error, 6)
