@@ -25,7 +25,8 @@ def option(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     concept: str = option("circle", "concept to erase: a preset (circle, red, striped, nudity, 'van gogh', …) or "
-                          "free text")
+                          "free text; repeat it, join names with '+', or name a list (toy-shapes:3, artists-10, "
+                          "celebrities-10, explicit-content) to erase several in one run")
     method: str = option("spm", "erasure method (default: SPM, a membrane that loads anywhere; README compares them)")
     prompts: str | None = option(None, "training prompts separated by '|' (default: the concept preset's prompts)")
     model: str | None = option(None, "base model: 'toy', a local diffusers folder or a hub id (default: the preset's)")

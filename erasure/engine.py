@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -109,6 +110,8 @@ def plan(concept: str, method: str = "spm", options: dict | None = None) -> Plan
         raise UserError(f"--{stray[0].replace('_', '-')} is not an option of --method {method}")
     if isinstance(options.get("prompts"), (list, tuple)):
         options["prompts"] = "|".join(options["prompts"])
+    if isinstance(concept, (list, tuple)):  # several concepts erased in one run: one '+'-joined name
+        concept = "+".join(str(c) for c in concept)
     options = {k: _check_type(k, run_fields.get(k) or method_fields[k], v, method) for k, v in options.items()}
     run = TrainConfig(concept=concept, method=method, **{k: v for k, v in options.items() if k in run_fields})
     if run.use_8bit_adam:
@@ -126,6 +129,9 @@ def plan(concept: str, method: str = "spm", options: dict | None = None) -> Plan
         texts = tuple(t.strip() for t in run.prompts.split("|") if t.strip())
         if not texts:
             raise UserError("--prompts is empty: pass prompts separated by '|', e.g. --prompts 'a circle|circle'")
+        if resolved.members:
+            raise UserError(f"--prompts replaces one concept's prompts; the set '{resolved.name}' trains on its "
+                            "members' (erase a single concept to choose its prompts)")
         resolved = replace(resolved, prompts=texts)
     run.model = run.model or resolved.default_model
     explicit = {k: v for k, v in options.items() if k in method_fields}
@@ -135,7 +141,8 @@ def plan(concept: str, method: str = "spm", options: dict | None = None) -> Plan
     # a closed-form method (UCE) has no lr or batch and one step per edit round
     run.steps, run.lr, run.batch_size = steps_of(mcfg), getattr(mcfg, "lr", None), getattr(mcfg, "batch_size", None)
     if run.output is None:
-        stem = f"{resolved.name.replace(' ', '_')}-{method}"
+        name = resolved.name if len(resolved.name) <= 60 else f"{resolved.names[0]}+{len(resolved.names) - 1}-more"
+        stem = f"{re.sub(r'[^A-Za-z0-9+._-]+', '_', name)}-{method}"
         run.output = str(Path("outputs") / (stem if cls.writes_folder else stem + ".safetensors"))
     if cls.writes_folder and run.output.endswith(".safetensors"):
         raise UserError(f"--method {method} writes a pipeline folder: --output must be a folder path (got {run.output})")

@@ -3,6 +3,7 @@
     python -m erasure.train --concept circle                 # the embedded toy world, a few minutes on 2 cores
     python -m erasure.train --concept nudity --model /path/to/stable-diffusion-v1-4
     python -m erasure.train --concept circle --dry-run       # print the resolved configuration
+    python -m erasure.train --concept circle --concept star  # several concepts in one run (or toy-shapes:3)
     python -m erasure.train --method esd --help              # ESD's own options and their defaults
 
 A thin command line over :func:`erasure.erase`: flags → options → artifact (+ a JSON run record beside it).
@@ -62,7 +63,10 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     cls = METHODS.get(method) if method else None
     for f in fields(TrainConfig):
-        if f.name == "method":
+        if f.name == "concept":
+            p.add_argument("--concept", action="append", default=None,
+                           help=f"{f.metadata['help']} [default: {f.default}]")
+        elif f.name == "method":
             p.add_argument("--method", choices=list(METHODS), default=None,
                            help=f"erasure method [default: {f.default}]")
         elif not (cls and f.name in _SHARED):
@@ -94,7 +98,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[str, str, dict, bool]:
     options = {k: v for k, v in vars(args).items() if v is not None}
     options.pop("method", None)
     dry_run = bool(options.pop("dry_run", False))
-    concept = options.pop("concept", TrainConfig.concept)
+    concept = "+".join(options.pop("concept", [TrainConfig.concept]))
     return concept, method, options, dry_run
 
 

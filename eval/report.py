@@ -336,9 +336,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "output folder from its results.json and images/.")
     p.add_argument("folder", help="a sweep output folder (with results.json)")
     p.add_argument("--thumb", type=int, default=96, help="image size in the grids, pixels (default: %(default)s)")
+    p.add_argument("--markdown", metavar="FILE", help="write the results as a Markdown page to FILE instead (the "
+                   "erasure table and every prompt set's numbers, headed by the command, config hash and versions)")
+    p.add_argument("--base", default="base", help="with --markdown: the model the ratios compare with "
+                   "(default: %(default)s)")
     args = p.parse_args(argv)
     try:
         results = load_results(args.folder)
+        if args.markdown:
+            from eval.markdown import page
+
+            command = "python -m eval.report " + " ".join(argv if argv is not None else sys.argv[1:])
+            path = Path(args.markdown)
+            write_text_atomic(path, page(results, command, base=args.base))
+            print(path)
+            return 0
         write_plots(args.folder, results)
         path = write_report(args.folder, results, thumb=args.thumb)
     except UserError as e:

@@ -32,6 +32,7 @@ import json
 import re
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -41,6 +42,8 @@ import erasure
 import pipelines
 from adapters.artifact import load_artifact, write_text_atomic
 from adapters.errors import UserError
+from erasure.concepts import resolve as resolve_concept
+from erasure.engine import record_path
 from erasure.toyworld.models import GUIDANCE
 from eval import sweep_config
 from eval.attack import build_target, teacher_of
@@ -146,11 +149,31 @@ def model_info(cfg: SweepConfig, m: ModelSpec, hashes: Path) -> dict:
     for a in m.artifacts:
         meta = load_artifact(a.path).metadata
         concept = meta.get("concept")
+        name = concept.get("name") if isinstance(concept, dict) else concept
         arts.append({"name": a.name, "file": a.path.name, "sha256": file_sha256(a.path),
                      "tensors_sha256": tensors_sha256(a.path), "kind": meta.get("kind"), "method": meta.get("method"),
-                     "concept": concept.get("name") if isinstance(concept, dict) else concept, "train": a.train})
-    return {"name": m.name, "base": label(m.base), "base_sha256": folder_sha256(model_folder(m.base), hashes),
+                     "concept": name, "concepts": meta.get("concepts") or [name], "train": a.train,
+                     **training_cost(a.path, folder=False)})
+    info = {"name": m.name, "base": label(m.base), "base_sha256": folder_sha256(model_folder(m.base), hashes),
             "artifacts": arts, "base_train": m.train}
+    if m.train is not None:  # a trained base model (an SFD student): what it erased and what it cost
+        info.update(base_method=m.train.get("method"), base_concepts=list(resolve_concept(m.train["concept"]).names),
+                    **training_cost(Path(m.base), folder=True))
+    return info
+
+
+def _record(path: Path, folder: bool) -> dict:
+    try:
+        return json.loads(record_path(path, folder).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def training_cost(path: Path, folder: bool) -> dict:
+    """An artifact's size on disk and, when its run record is beside it, its training seconds (``None`` for a file
+    that came without one)."""
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    return {"bytes": size, "train_seconds": _record(path, folder).get("seconds")}
 
 
 def _guidance(cfg: SweepConfig, base: str) -> float:
@@ -295,6 +318,7 @@ def run_sweep(cfg: SweepConfig, *, quiet: bool = True, on_image: Callable | None
     rows += attack_all(cfg, infos, env, config_sha(cfg), quiet=quiet)
     results = {
         "format": FORMAT, "title": cfg.title or f"Sweep {cfg.path.name}", "config_file": cfg.path.name,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "seconds": round(time.time() - t0, 1),
         "config": cfg.resolved(), "config_sha256": rows[0]["config_sha256"] if rows else "",
         "environment": env, "models": [infos[m.name] for m in cfg.models],
         "prompt_sets": [{"name": p.name, "source": label(p.source),

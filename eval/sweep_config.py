@@ -79,7 +79,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -250,8 +250,8 @@ def _train(place: Place, options: dict, forbidden, train_steps: int | None, *, m
     if "concept" not in options:
         place.fail("'train' needs a concept: train = { concept = \"circle\", method = \"esd\" }")
     shown = train_options(options)
-    if train_steps is not None:
-        options = {**options, "steps": train_steps}
+    if train_steps is not None and "steps" in _method_fields(options.get("method", "spm")):
+        options = {**options, "steps": train_steps}  # closed-form methods (uce, rece) have no steps to cut
     if model is not None:
         options = {**options, "model": model}
     try:
@@ -259,6 +259,13 @@ def _train(place: Place, options: dict, forbidden, train_steps: int | None, *, m
     except UserError as e:
         place.fail(f"train = {shown}: {e}")
     return options, plan
+
+
+def _method_fields(method: str) -> set[str]:
+    from erasure.methods import METHODS
+
+    cls = METHODS.get(method)
+    return {f.name for f in fields(cls.config_class)} if cls else {"steps"}
 
 
 def resolve_training(options: dict):

@@ -138,7 +138,7 @@ class ToyConceptRatesKind(MetricKind):
         known = (*data.SHAPES, *data.COLOURS, *data.FILLS)
         concepts = opts.concepts
         if concepts is None:  # the concepts the prompt sets are about: toy:circle/target → circle
-            concepts = list(dict.fromkeys(p.source[4:].partition("/")[0] for p in sets))
+            concepts = list(dict.fromkeys(c for p in sets for c in p.source[4:].partition("/")[0].split("+")))
             concepts = [c for c in concepts if c != "base"]
             if not concepts:
                 place.fail("say which concepts to report: concepts = [\"circle\", ...]")

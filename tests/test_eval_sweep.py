@@ -226,6 +226,33 @@ def test_rerun_reuses_artifacts_and_images_and_writes_the_same_bytes(reference_r
     assert (out / "results.csv").read_bytes() == expected
 
 
+def test_models_carry_their_training_cost_and_the_markdown_page_reads_the_results(reference_run, tmp_path, capsys):
+    """results.json's models: each artifact's size and training seconds (from its run record; a file without one:
+    None). ``eval.report --markdown`` turns them and the rates into the erasure table, every number from the rows."""
+    from eval import report
+
+    cfg, out, cache, _ = reference_run
+    results = json.loads((out / "results.json").read_text())
+    models = {m["name"]: m for m in results["models"]}
+    (esd,) = models["esd"]["artifacts"]
+    assert esd["bytes"] == (cache / esd["file"]).stat().st_size and esd["train_seconds"] > 0
+    assert esd["concepts"] == ["circle"] and esd["method"] == "esd"
+    assert models["delta"]["artifacts"][0]["train_seconds"] is None
+    assert results["date"].endswith("UTC")
+    page = tmp_path / "results.md"
+    assert report.main([str(out), "--markdown", str(page)]) == 0
+    text = page.read_text()
+    assert f"python -m eval.report {out} --markdown {page}" in text and results["config_sha256"][:16] in text
+    row = next(line for line in text.splitlines() if line.startswith("| esd |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    rates = {(r["model"], r["quantity"], r["prompt_set"]): r["value"] for r in results["rows"] if r["metric"] == "rates"}
+    assert cells[1:3] == ["esd", "1"]
+    assert float(cells[5]) == pytest.approx(rates[("esd", "circle.target", "target")], abs=1e-3)
+    kept = rates[("esd", "circle.other", "other")] / rates[("base", "circle.other", "other")]
+    assert float(cells[8]) == pytest.approx(kept, abs=1e-3)
+    assert report.main([str(tmp_path / "nowhere"), "--markdown", str(page)]) == 2
+
+
 def test_resuming_with_other_settings_is_refused(reference_run, capsys):
     cfg, out, cache, _ = reference_run
     rc = sweep.main(["--config", str(cfg), "--output", str(out), "--cache", str(cache), "--steps", "3", "--quiet"])

@@ -196,6 +196,7 @@ def run_metadata(method: Method, kind: str, model_id: str, fingerprint: str, **e
         "method": method.name,
         "config": asdict(method.config),
         "concept": method.concept.name,
+        **({"concepts": list(method.concept.names)} if method.concept.members else {}),
         "prompts": list(method.concept.prompts),
         "base_model": {"id": model_id, "fingerprint": fingerprint},
         **extra,

@@ -134,7 +134,7 @@ class SPM(Method):
         self.sampler = ddim_sampler(pipe)
         self.targets = encode(pipe, list(concept.prompts))  # (P, L, D)
         if config.steer == "swap":  # each target prompt → itself with the substitute's word: (P, L, D)
-            self.surrogate = encode(pipe, concept.swap(list(concept.prompts), concept.substitute, "spm: the substitute"))
+            self.surrogate = encode(pipe, concept.swap(list(concept.prompts), role="spm: the substitute"))
         else:
             self.surrogate = encode(pipe, [concept.surrogate]).expand(len(self.targets), -1, -1)  # (P, L, D)
         self.pairs = None  # two-object captions naming the concept and their other object alone: (2, Q, L, D)
@@ -199,7 +199,7 @@ class SPM(Method):
         """Kohya-keyed membrane tensors, our metadata, and the original release's three header strings."""
         tensors = membrane.state_dict(self.unet, MEMBRANE)
         paths = [k[: -len(".alpha")] for k in tensors if k.endswith(".alpha")]
-        targets = [self.concept.name]  # what facilitated transport compares prompts with: the concept itself
+        targets = list(self.concept.names)  # what facilitated transport compares prompts with: the concept(s)
         meta = run_metadata(self, "membrane", model_id, membrane.layers_fingerprint(self.unet),
                             surrogate=self.concept.surrogate, layers=len(paths), targets=targets)
         extra = {"prompts": ",".join(targets), "rank": str(self.config.rank), "alpha": str(self.config.alpha)}

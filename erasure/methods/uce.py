@@ -114,7 +114,7 @@ class UCE(FineTuneMethod):
         super().__init__(pipe, concept, config, ctx)
         prompts = list(concept.prompts)
         if config.guide == "swap":
-            guides = concept.swap(prompts, concept.substitute, f"{self.name}: the substitute")
+            guides = concept.swap(prompts, role=f"{self.name}: the substitute")
         else:
             guides = [concept.surrogate if config.guide == "surrogate" else config.guide] * len(prompts)
         if config.pairs:  # two-object captions naming the concept, each → the caption with the substitute's word

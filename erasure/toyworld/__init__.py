@@ -179,8 +179,13 @@ def prompts(concept: str, seed: int = 0) -> dict[str, list[ToyPrompt]]:
     - ``other``: prompts of the other concepts of the same kind (must keep working);
     - ``pair``: two-object prompts with the concept and another shape (shapes only).
 
+    A '+'-joined set ("circle+square") gives its members' ``target``, ``alias`` and ``pair`` prompts (pairs whose
+    other shape is erased too left out) and, as ``other``, the single-object prompts naming none of them.
+
     Raises :class:`NotAToyConcept` (a ``ValueError``) for anything else.
     """
+    if "+" in concept:
+        return _set_prompts(concept.split("+"), seed)
     rng = np.random.default_rng(seed)
     if concept in data.SHAPES:
         target = [_single(concept, c, f) for c in data.COLOURS for f in (None, *data.FILLS) if f or c in ("red", "blue")]
@@ -199,3 +204,12 @@ def prompts(concept: str, seed: int = 0) -> dict[str, list[ToyPrompt]]:
                 "other": other, "pair": []}
     raise NotAToyConcept(f"'{concept}' is not a toy concept (shapes: {', '.join(data.SHAPES)}; colours: "
                     f"{', '.join(data.COLOURS)}; fills: {', '.join(data.FILLS)})")
+
+
+def _set_prompts(members: list[str], seed: int) -> dict[str, list[ToyPrompt]]:
+    sets = [prompts(m, seed) for m in dict.fromkeys(members)]
+    names = set(members)
+    rest = [p for p in base_prompts(seed)["single"] if not {p.shapes[0], p.colour, p.fill} & names]
+    pairs = [p for s in sets for p in s["pair"] if len(set(p.shapes) & names) == 1]
+    return {"target": [p for s in sets for p in s["target"]], "alias": [p for s in sets for p in s["alias"]],
+            "other": rest, "pair": pairs}

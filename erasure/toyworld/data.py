@@ -242,6 +242,13 @@ def swap_word(text: str, concept: str, word: str) -> str:
     return articles(re.sub(r"\ban\b", "a", swapped))
 
 
+def swap_words(text: str, words: dict[str, str]) -> str:
+    """``text`` with each concept word of ``words`` replaced by the word it maps to (:func:`swap_word` in turn)."""
+    for concept, word in words.items():
+        text = swap_word(text, concept, word)
+    return text
+
+
 def _allowed(shape: str, colour: str) -> bool:
     return (shape, colour) not in HELD_OUT
 
@@ -325,9 +332,19 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     return sample_pair(rng)
 
 
-def contains(scene: Scene, concept: str) -> bool:
-    """Whether any object of ``scene`` shows ``concept`` (a shape, colour or fill)."""
-    return any(concept in (o.shape, o.colour, o.fill) for o in scene.objects)
+def _names(concepts) -> set[str]:
+    return {concepts} if isinstance(concepts, str) else set(concepts)
+
+
+def contains(scene: Scene, concepts) -> bool:
+    """Whether any object of ``scene`` shows ``concepts`` (a shape, colour or fill, or a collection of them)."""
+    names = _names(concepts)
+    return any(names & {o.shape, o.colour, o.fill} for o in scene.objects)
+
+
+def names_any(text: str, concepts) -> bool:
+    """Whether ``text`` names any of ``concepts`` as a word."""
+    return any(re.search(rf"\b{re.escape(c)}\b", text) for c in _names(concepts))
 
 
 def sample_concept(concept: str, rng: np.random.Generator, substitute: str | None = None) -> tuple[Scene, str | None]:
@@ -356,25 +373,27 @@ def sample_concept(concept: str, rng: np.random.Generator, substitute: str | Non
     return Scene([single_obj(shape, colour, fill, rng)], background(rng), caption, "single"), swapped
 
 
-def captions_without(concept: str, n: int, rng: np.random.Generator) -> list[str]:
-    """``n`` captions of sampled scenes (single objects, aliases, pairs) in which no object shows ``concept``."""
+def captions_without(concepts, n: int, rng: np.random.Generator) -> list[str]:
+    """``n`` captions of sampled scenes (single objects, aliases, pairs) in which no object shows ``concepts`` (one
+    concept or a collection)."""
     out = []
     while len(out) < n:
         scene = sample_scene(rng)
-        if not contains(scene, concept):
+        if not contains(scene, concepts):
             out.append(scene.caption)
     return out
 
 
-def concept_pair(concept: str, rng: np.random.Generator) -> tuple[str, str]:
+def concept_pair(concept: str, rng: np.random.Generator, exclude=()) -> tuple[str, str]:
     """A two-object caption naming ``concept`` (a shape, colour or fill) on one object, and the caption of the other
     object alone ("a red circle and a blue square" → "a blue square"): what the scene should become once the
-    concept is erased from it."""
+    concept is erased from it. The other object shows none of ``exclude`` (the rest of an erased set)."""
     while True:
         scene = sample_pair(rng)
         objs = scene.objects
         hit = [concept in (o.shape, o.colour, o.fill) for o in objs]
-        if hit.count(True) == 1 and re.search(rf"\b{re.escape(concept)}\b", scene.caption):
+        if hit.count(True) == 1 and re.search(rf"\b{re.escape(concept)}\b", scene.caption) and not (
+                exclude and contains(Scene([objs[hit.index(False)]], scene.background, ""), exclude)):
             other = objs[hit.index(False)]
             named_fill = any(f in scene.caption for f in FILLS)
             words = [w for w in (other.fill if named_fill else None, other.colour, other.shape) if w]
