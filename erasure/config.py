@@ -50,6 +50,18 @@ class TrainConfig:
                               "turns TF32 off, as SiD)")
     fsdp: bool = option(False, "shard the trained networks (and SFD's teacher) across the processes of `accelerate "
                         "launch` with FSDP (esd, salun, sfd); such runs write no intermediate checkpoints")
+    adversarial: bool = option(False, "adversarial erasure (AdvUnlearn; esd, salun, spm): every few steps an inner "
+                               "attack finds prefix embeddings that bring the concept back on the current model, and "
+                               "the method trains on the attacked prompts, with a retain regulariser")
+    attack_every: int | None = option(None, "--adversarial: steps between inner attacks (AdvUnlearn: 1; toy: 5)")
+    attack_steps: int | None = option(None, "--adversarial: Adam steps of each inner attack (AdvUnlearn: 30; toy: 10)")
+    attack_lr: float | None = option(None, "--adversarial: the inner attack's learning rate (AdvUnlearn: 1e-3; toy: "
+                                     "2e-2)")
+    attack_tokens: int | None = option(None, "--adversarial: adversarial prefix vectors k (AdvUnlearn: 1)")
+    attack_warmup: int | None = option(None, "--adversarial: plain erasure steps before the first attack (AdvUnlearn: "
+                                       "200; toy: 40)")
+    retain_weight: float | None = option(None, "--adversarial: γ of the retain regulariser (AdvUnlearn README: 0.3; "
+                                         "toy: 1); esd adds AdvUnlearn's retain loss, spm and salun keep their own")
     device: str | None = option(None, "device (default: CUDA when available, else CPU)")
     attention: str = option("sdpa", "attention backend", choices=("sdpa", "xformers"))
     checkpoint_every: int = option(100, "steps between resumable checkpoints (0: never)")

@@ -73,6 +73,13 @@ def toy_examples(pipe, words: dict[str, str], n_forget: int, n_retain: int, seed
     return f, r, texts
 
 
+def toy_concept_latents(pipe, names: list[str], n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """``n`` toy-world images of the concepts ``names`` (each in turn), as latents, with their captions."""
+    rng = np.random.default_rng(seed + 11)
+    scenes = [toy.sample_concept(names[i % len(names)], rng)[0] for i in range(n)]
+    return encode_images(pipe.vae, np.stack([toy.render(s, rng) for s in scenes])), [s.caption for s in scenes]
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("ERASURE_CACHE", Path.home() / ".cache" / "erasure"))
 

@@ -28,7 +28,7 @@ import pipelines
 from adapters.artifact import load_artifact, save_artifact, save_pipeline_folder, write_text_atomic
 from adapters.errors import UserError
 from adapters.saliency import load_mask
-from erasure import concepts
+from erasure import adversarial, concepts
 from erasure.concepts import Concept
 from erasure.config import TrainConfig, resolve_method_config
 from erasure.methods import METHODS
@@ -119,6 +119,7 @@ def plan(concept: str, method: str = "spm", options: dict | None = None) -> Plan
             raise UserError(f"--use-8bit-adam and --optimizer {run.optimizer} contradict each other: give one")
         run.optimizer, run.use_8bit_adam = "adam8bit", False
     _check_fsdp(run, cls)
+    _check_adversarial(run, cls)
     if run.mask and not cls.maskable:
         maskable = ", ".join(n for n, m in METHODS.items() if m.maskable)
         raise UserError(f"--mask confines weight fine-tuning ({maskable}); --method {method} trains an adapter")
@@ -156,6 +157,27 @@ def steps_of(config) -> int:
     if hasattr(config, "steps"):
         return config.steps
     return getattr(config, "rounds", 0) + 1
+
+
+def attack_options(run: TrainConfig) -> dict:
+    """The ``--attack-*`` / ``--retain-weight`` run options by :class:`erasure.adversarial.AttackSettings` field."""
+    return {name: getattr(run, "attack_" + name if name != "retain_weight" else name, None)
+            for name in adversarial.FIELDS if hasattr(run, "attack_" + name) or name == "retain_weight"}
+
+
+def _check_adversarial(run: TrainConfig, cls: type[Method]) -> None:
+    given = [k for k, v in attack_options(run).items() if v is not None]
+    if not run.adversarial:
+        if given:
+            flag = given[0] if given[0] == "retain_weight" else "attack_" + given[0]
+            raise UserError(f"--{flag.replace('_', '-')} is an option of --adversarial: add --adversarial")
+        return
+    if not cls.adversarial:
+        names = ", ".join(n for n, m in METHODS.items() if m.adversarial)
+        raise UserError(f"--adversarial trains on inner-attack prompts ({names}); --method {cls.name} does not")
+    if run.fsdp:
+        raise UserError("--adversarial runs unsharded: drop --fsdp")
+    adversarial.settings(False, attack_options(run))  # bad values fail before any model is loaded
 
 
 def _check_fsdp(run: TrainConfig, cls: type[Method]) -> None:
@@ -256,17 +278,23 @@ def execute(p: Plan) -> Result:
             _use_mask(method, run, output)
         if sharding is not None:
             method.shard(sharding)
+        adv_meta = {}
+        if run.adversarial:
+            s = adversarial.settings(run.model == concepts.TOY_MODEL, attack_options(run))
+            method.adversary = adversarial.Adversary(method, s, run.seed)
+            adv_meta["adversarial"] = asdict(s)
         with tf32(True if run.allow_tf32 else None):
             history = fit(method, steps=steps_of(p.config), output=output, seed=run.seed, accelerator=accelerator,
                           checkpoint_every=0 if sharding else run.checkpoint_every, resume=run.resume, quiet=run.quiet)
         record = {"artifact": str(output), "seconds": round(time.time() - t0, 1),
                   "final_loss": history[-1] if history else None, "config": asdict(run),
                   "method_config": asdict(p.config), "loss": history, "processes": accelerator.num_processes,
-                  "sharded": sharding is not None, **method.summary()}
+                  "sharded": sharding is not None, **adv_meta, **method.summary()}
         if accelerator.is_main_process or sharding is not None:  # sharded: gathering is a collective, all take part
             result, meta, extra = method.artifact(run.model)
         if accelerator.is_main_process:
             meta["run"] = {k: v for k, v in asdict(run).items() if k not in _NOT_RECORDED}
+            meta.update(adv_meta)  # the inner attack's settings of an adversarial run
             if p.folder:
                 save_pipeline_folder(result, output, meta)
             else:
@@ -324,7 +352,11 @@ def fit(method: Method, *, steps: int, output: Path, seed: int, accelerator, che
         for opt in optimizers.values():  # a function of the step alone: resuming needs no scheduler state
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor(schedule, step, steps)
-        history.append(method.train_step(gen, optimizers, accelerator, step))
+        adversary = method.adversary
+        if adversary is not None and adversary.due(step):
+            adversary.attack(step)
+        loss = method.train_step(gen, optimizers, accelerator, step)
+        history.append({"loss": loss, **adversary.last} if adversary is not None and adversary.last else loss)
         bar.update()
         bar.set_postfix_str(_log_line(history[-1]))
         if main and not quiet and bar.disable and (step + 1) % log_every == 0:  # log lines where there is no bar

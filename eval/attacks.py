@@ -43,6 +43,7 @@ from adapters.errors import UserError, user_errors
 from erasure import toyworld
 from eval.sampling import Sampler, frozen, is_one_step
 from pipelines import prediction
+from pipelines.soft_prompt import encode_with_soft, nearest, with_prefix
 
 
 Judge = Callable[[np.ndarray], list[bool]]  # uint8 images (N, H, W, 3) → concept present, per image
@@ -280,16 +281,16 @@ class UnlearnDiffAtk(Attack):
         opt = torch.optim.Adam([soft], lr=self.lr)
         body = tok(prompt, add_special_tokens=False).input_ids
         for it in range(1, self.iterations + 1):
-            proj = _nearest(soft.detach(), table, allowed)
-            cond = _encode_with_soft(te, _with_prefix(tok, proj, body), soft, table[proj])
+            proj = nearest(soft.detach(), table, allowed)
+            cond = encode_with_soft(te, with_prefix(tok, proj, body), soft, table[proj])
             loss = self._loss(pipe, z0, cond, seed, it)
             opt.zero_grad()
             loss.backward()
             opt.step()
             if it % self.check_every == 0 or it == self.iterations:
-                proj = _nearest(soft.detach(), table, allowed)
+                proj = nearest(soft.detach(), table, allowed)
                 with torch.no_grad():
-                    e = te(_with_prefix(tok, proj, body).to(te.device))[0]
+                    e = te(with_prefix(tok, proj, body).to(te.device))[0]
                 img = sampler.images([(e, sampler.guidance)], [seed])
                 ok = bool(target.success(img)[0])
                 if ok or it == self.iterations:
@@ -310,38 +311,6 @@ class UnlearnDiffAtk(Attack):
         a = pipe.scheduler.alphas_cumprod[t].to(noise).view(-1, 1, 1, 1)
         goal = prediction.target(z0, noise, a, prediction.prediction_type_of(pipe))  # ε, or v for v-prediction
         return (pred - goal).pow(2).mean()
-
-
-def _nearest(soft: torch.Tensor, table: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Nearest vocabulary token (cosine) of each soft embedding, special tokens excluded → ids (k,)."""
-    sim = torch.nn.functional.normalize(soft, dim=-1) @ torch.nn.functional.normalize(table.float(), dim=-1).T
-    sim[:, ~allowed] = -2
-    return sim.argmax(-1)
-
-
-def _with_prefix(tok, prefix: torch.Tensor, body: list[int]) -> torch.Tensor:
-    """[BOS] prefix body [EOS] padded to the model length → (1, L)."""
-    n = tok.model_max_length
-    ids = [tok.bos_token_id, *prefix.tolist(), *body][: n - 1] + [tok.eos_token_id]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return torch.tensor([ids + [pad] * (n - len(ids))])
-
-
-def _encode_with_soft(te, ids: torch.Tensor, soft: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
-    """The text encoder's output for ``ids`` with the prefix positions' token embeddings equal to ``hard`` (the
-    projected tokens) but gradients flowing to ``soft`` (straight-through, as PEZ)."""
-    k = len(soft)
-
-    def hook(module, args, output):
-        out = output.clone()
-        out[:, 1 : 1 + k] = hard.to(out.dtype) + (soft - soft.detach()).to(out.dtype)
-        return out
-
-    h = te.get_input_embeddings().register_forward_hook(hook)
-    try:
-        return te(ids.to(te.device))[0]
-    finally:
-        h.remove()
 
 
 @dataclass

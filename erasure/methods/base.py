@@ -62,8 +62,10 @@ class Method(ABC):
     computes_mask: ClassVar[bool] = False  # it makes its own saliency mask before training (SalUn)
     shardable: ClassVar[bool] = False  # it implements shard() (--fsdp)
 
+    adversarial: ClassVar[bool] = False  # it trains on inner-attack prompts (--adversarial): implements attacked()
     params: dict[str, torch.Tensor]
     sharding = None  # an erasure.sharding.Sharding once shard() has run
+    adversary = None  # an erasure.adversarial.Adversary under --adversarial
 
     def __init__(self, pipe, concept, config, ctx: Context):
         self.pipe, self.concept, self.config, self.ctx = pipe, concept, config, ctx
@@ -87,6 +89,28 @@ class Method(ABC):
         """The run's kind of optimiser (``--optimizer``: the paper's Adam / AdamW, factored, 8-bit) with the method's
         hyper-parameters (``lr``, ``betas``, ``eps``, ``weight_decay``, ``decoupled`` for AdamW)."""
         return make_optimizer(self.ctx.optimizer, params, **hyper)
+
+    # -- adversarial erasure (--adversarial): the inner attack and the outer loss meet here ----------------------
+    def adversarial_texts(self) -> list[str]:
+        """The prompts whose embeddings the loss indexes with :meth:`attacked` (default: the concept's prompts)."""
+        return list(self.concept.prompts)
+
+    def attack_model(self):
+        """Context → the UNet as the trained model runs it (SPM: with its membrane on), for the inner attack."""
+        return nullcontext(self.unet)
+
+    def attacked(self, clean: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """What the trained model is conditioned on for the prompts ``idx`` of :meth:`adversarial_texts`: their
+        ``clean`` embeddings, or, once the inner attack has run, the prompts behind its adversarial prefix."""
+        if self.adversary is None or self.adversary.delta is None:
+            return clean
+        texts = self.adversarial_texts()
+        return self.adversary.encode([texts[int(i)] for i in idx]).to(clean.dtype)
+
+    def retain_loss(self, gen: torch.Generator) -> torch.Tensor | None:
+        """The retain regulariser an adversarial run adds (× ``retain_weight``); ``None`` where the method's own
+        loss already keeps what must stay (SPM's anchors, SalUn's retain images)."""
+        return None
 
     # -- memory levers: the engine calls these after construction ------------------------------------------------
     def frozen_modules(self) -> list[torch.nn.Module]:
@@ -121,6 +145,10 @@ class Method(ABC):
         (opt,) = optimizers.values()
         with accelerator.autocast():
             loss = self.loss(gen)
+            if self.adversary is not None:
+                retain = self.retain_loss(gen)
+                if retain is not None:
+                    loss = loss + self.adversary.s.retain_weight * retain
         if not torch.isfinite(loss):
             raise UserError(f"{self.name}: the loss became {loss.item()} at step {step}; lower --lr")
         opt.zero_grad(set_to_none=True)
@@ -131,13 +159,19 @@ class Method(ABC):
         return round(loss.item(), 6)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint stores of the method besides its optimisers (the trained tensors)."""
-        return {f"param/{n}": p.detach() for n, p in self.params.items()}
+        """What a checkpoint stores of the method besides its optimisers (the trained tensors, and the inner
+        attack's latest prefix)."""
+        out = {f"param/{n}": p.detach() for n, p in self.params.items()}
+        if self.adversary is not None and self.adversary.delta is not None:
+            out["adversary/delta"] = self.adversary.delta
+        return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(tensors[f"param/{n}"])
+        if self.adversary is not None and "adversary/delta" in tensors:
+            self.adversary.delta = tensors["adversary/delta"]
 
     # -- the result ---------------------------------------------------------------------------------------------
     @abstractmethod

@@ -24,6 +24,15 @@ from erasure.config import option
 from erasure.methods.base import FineTuneMethod, ddim_sampler, partial_ddim
 from pipelines.text import denoise, encode
 
+COCO_OBJECTS = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
+    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
+    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
+    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
+    "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
 _ESD_U_EXCLUDE = ("attn2", "time_embedding", "conv_out", "conv_norm_out")  # paper code: attn2, time_embed, out.
 
 
@@ -65,8 +74,18 @@ def select_parameters(unet: torch.nn.Module, variant: str) -> list[str]:
     raise ValueError(f"unknown ESD variant {variant!r}")
 
 
+RETAIN_BATCH = 5  # AdvUnlearn's retain_batch
+
+
+def retain_prompts(concept) -> list[str]:
+    """AdvUnlearn's retain set, "a photo of a {COCO object}" (its coco_object list filters 243 such prompts; here the
+    80 COCO classes), without those naming the concept."""
+    return [p for p in (f"a photo of a {o}" for o in COCO_OBJECTS) if not any(n in p for n in concept.names)]
+
+
 class ESD(FineTuneMethod):
     name = "esd"
+    adversarial = True
     title = "fine-tune UNet weights to negatively guide away from the concept (ESD, Gandikota et al. 2023)"
     config_class = ESDConfig
     # the toy world's 2.4 M-parameter UNet: larger lr, fewer steps, batches (README, "Measured on the toy world")
@@ -93,5 +112,25 @@ class ESD(FineTuneMethod):
         t = t.expand(cfg.batch_size).to(z.device)
         with torch.no_grad(), self.frozen() as frozen:
             e_null, e_c = denoise(frozen, torch.cat([z, z]), torch.cat([t, t]), torch.cat([null, cond])).chunk(2)
-        e_theta = denoise(self.unet, z, t, cond)
+        e_theta = denoise(self.unet, z, t, self.attacked(cond, idx))  # --adversarial: ε_θ(x_t, [δ*; c])
         return esd_loss(e_theta, e_c, e_null, cfg.eta).mean()
+
+    def retain_loss(self, gen: torch.Generator) -> torch.Tensor:
+        """AdvUnlearn's ℓ_r: ‖ε_θ(x_t^r, c_r) − ε₀(x_t^r, c_r)‖² over ``RETAIN_BATCH`` retain prompts c_r, x_t^r
+        sampled from c_r by the frozen model (retain prompts: toy, captions without the concept; else AdvUnlearn's
+        "a photo of a {COCO object}" set)."""
+        if not hasattr(self, "_retain"):
+            texts = (self.concept.anchor_captions(self.ctx.seed + 3, 256) if self.concept.is_toy
+                     else retain_prompts(self.concept))
+            self._retain = encode(self.pipe, texts)
+        cfg = self.config
+        idx = torch.randint(len(self._retain), (RETAIN_BATCH,), generator=gen)
+        cond = self._retain[idx]
+        null = self.null_embed.expand_as(cond)
+        stop = int(torch.randint(cfg.ddim_steps, (1,), generator=gen))
+        with torch.no_grad(), self.frozen() as frozen:
+            z, t = partial_ddim(frozen, self.sampler, cond, null, n_steps=cfg.ddim_steps, stop_at=stop,
+                                guidance=cfg.start_guidance, gen=gen)
+            t = t.expand(len(cond)).to(z.device)
+            goal = denoise(frozen, z, t, cond)
+        return ((denoise(self.unet, z, t, cond) - goal) ** 2).mean()

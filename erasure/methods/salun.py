@@ -82,6 +82,7 @@ class SalUn(FineTuneMethod):
     title = "fine-tune only the salient weights, forget → substitute + retain loss (SalUn, Fan et al. 2024)"
     config_class = SalUnConfig
     computes_mask = True
+    adversarial = True
     uses_reference = False  # its loss runs the current model only (no frozen teacher, as the official code)
     # the toy world's 2.4 M-parameter UNet (README, "Measured on the toy world")
     toy_defaults = {"steps": 200, "lr": 1e-4, "batch_size": 16, "alpha": 0.4, "forget_images": 512,
@@ -100,6 +101,9 @@ class SalUn(FineTuneMethod):
         self.forget.latents, self.retain.latents = self.forget.latents.to(device), self.retain.latents.to(device)
         self.noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
         self.prediction_type = prediction_type_of(pipe.scheduler)
+
+    def adversarial_texts(self) -> list[str]:
+        return self.texts  # the forget examples' prompts index these
 
     def trainable_names(self) -> list[str]:
         names = [n for n, _ in self.unet.named_parameters()]
@@ -149,7 +153,8 @@ class SalUn(FineTuneMethod):
         x_t, t, _ = self._noised(self.forget.latents[f], gen)
         with torch.no_grad():
             e_sub = denoise(self.unet, x_t, t, self.embeds[self.forget.substitute[f]])
-        e_forget = denoise(self.unet, x_t, t, self.embeds[self.forget.prompt[f]])
+        prompts = self.forget.prompt[f]
+        e_forget = denoise(self.unet, x_t, t, self.attacked(self.embeds[prompts], prompts))  # --adversarial: [δ*; c]
         r = torch.randint(len(self.retain.latents), (b,), generator=gen)
         xr_t, tr, noise = self._noised(self.retain.latents[r], gen)
         e_retain = denoise(self.unet, xr_t, tr, self.embeds[self.retain.prompt[r]])

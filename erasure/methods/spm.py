@@ -27,6 +27,7 @@ x_t and t with weights summing to 1, so on v outputs it is the ε loss divided b
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,7 @@ class SPM(Method):
     """Trains one membrane on ``pipe.unet``; its parameters are the membrane's lora_down / lora_up."""
 
     name = "spm"
+    adversarial = True
     title = "a rank-1 membrane with latent anchoring, loads anywhere (SPM, Lyu et al. 2024) [default]"
     config_class = SPMConfig
     # the toy world's 2.4 M-parameter UNet (README, "Measured on the toy world"); shapes also steer by swap (concepts.py)
@@ -146,6 +148,11 @@ class SPM(Method):
         if config.anchor_source == "captions":
             anchors = concept.anchor_captions(ctx.seed)
         self.anchor_prompts = encode(pipe, anchors) if anchors else None
+
+    def attack_model(self):
+        """The inner attack runs the UNet with the membrane on, as the erased model does."""
+        self._on(True)
+        return nullcontext(self.unet)
 
     def _on(self, on: bool) -> None:
         membrane.set_gates(self.unet, {MEMBRANE: 1.0 if on else 0.0})
@@ -186,6 +193,9 @@ class SPM(Method):
             eps = denoise(self.unet, torch.cat([z, z, za]), torch.cat([tb, tb, ta]), torch.cat([tar, sur, anc]))
             eps_tar, eps_sur, eps_anc = eps.split([len(tar), len(tar), len(anc)])
         self._on(True)
+        if self.adversary is not None:  # --adversarial: the membrane sees the attacked prompts (pair rows stay)
+            attacked = self.attacked(self.targets[idx], idx)
+            tar = attacked if self.pairs is None else torch.where(use.view(-1, 1, 1), tar, attacked)
         out = denoise(self.unet, torch.cat([z, za]), torch.cat([tb, ta]), torch.cat([tar, anc]))
         spm_tar, spm_anc = out.split([len(tar), len(anc)])
         return erase_loss(spm_tar, eps_tar, eps_sur, eta).mean() + cfg.anchor_weight * anchor_loss(spm_anc, eps_anc).mean()
