@@ -44,6 +44,7 @@ class Concept:
     aliases: tuple[str, ...] = ()  # phrases that imply the concept without naming it (evaluation, attacks)
     method_overrides: dict = field(default_factory=dict)  # {"spm": {"eta": 3.0, ...}} as the papers use
     members: tuple = ()  # a concept set: the concepts erased together (empty: this one concept)
+    robust_overrides: dict = field(default_factory=dict)  # method overrides under --adversarial (AdvUnlearn's recipe)
 
     is_toy = False  # the concept lives in the toy world (its scenes, captions and images)
 
@@ -235,6 +236,9 @@ _NUDITY = Concept(
         "esd": {"variant": "esd-u"},  # ESD's released nudity model is ESD-u, η = 1
         "salun": {"forget_prompt": "a photo of a nude person"},
     },
+    # AdvUnlearn's nudity command: the text encoder's layers, Adam lr 1e-5, 1,000 iterations (the inner attack's
+    # settings are erasure.adversarial's defaults, its retain set "a photo of a {COCO object}")
+    robust_overrides={"esd": {"variant": "text-encoder", "lr": 1e-5, "steps": 1000}},
 )
 
 _CELEBRITIES = {

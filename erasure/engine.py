@@ -62,7 +62,11 @@ class Plan:
 
     def describe(self) -> dict:
         """What ``--dry-run`` prints: the run, the method's config and the concept."""
-        return {"run": asdict(self.run), self.method.name: asdict(self.config), "concept": asdict(self.concept)}
+        out = {"run": asdict(self.run), self.method.name: asdict(self.config), "concept": asdict(self.concept)}
+        if self.run.adversarial:
+            out["adversarial"] = asdict(adversarial.settings(self.run.model == concepts.TOY_MODEL,
+                                                             attack_options(self.run)))
+        return out
 
 
 @dataclass(frozen=True)
@@ -136,8 +140,11 @@ def plan(concept: str, method: str = "spm", options: dict | None = None) -> Plan
         resolved = replace(resolved, prompts=texts)
     run.model = run.model or resolved.default_model
     explicit = {k: v for k, v in options.items() if k in method_fields}
-    mcfg = resolve_method_config(cls, on_toy=run.model == concepts.TOY_MODEL,
-                                 preset_overrides=resolved.method_overrides, explicit=explicit)
+    overrides = resolved.method_overrides
+    if run.adversarial and resolved.robust_overrides:  # the preset's adversarial recipe (nudity: AdvUnlearn's)
+        overrides = {**overrides, **{m: {**overrides.get(m, {}), **o} for m, o in resolved.robust_overrides.items()}}
+    mcfg = resolve_method_config(cls, on_toy=run.model == concepts.TOY_MODEL, preset_overrides=overrides,
+                                 explicit=explicit)
     cls.check(mcfg, resolved)  # bad method options fail before any model is loaded
     # a closed-form method (UCE) has no lr or batch and one step per edit round
     run.steps, run.lr, run.batch_size = steps_of(mcfg), getattr(mcfg, "lr", None), getattr(mcfg, "batch_size", None)

@@ -109,3 +109,37 @@ def test_bad_adversarial_options_exit_2_with_one_line(argv, match, capsys):
     assert main(["--concept", "circle", "--dry-run", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and match in err
+
+
+def test_text_encoder_variant_ships_a_delta_that_plugs_into_another_unet(sd_folder, tmp_path, capsys):
+    """ESD --variant text-encoder (AdvUnlearn's configuration) trains the text encoder only; its artifact is a
+    text-encoder weight delta that pipelines.apply puts on any pipeline sharing that encoder (here one with another
+    UNet), leaves the UNet alone, comes off exactly, and is refused by a pipeline with another encoder."""
+    import pipelines
+    from adapters.errors import UserError
+
+    out = tmp_path / "te.safetensors"
+    argv = ["--concept", "a dog", "--model", sd_folder, "--method", "esd", "--variant", "text-encoder", "--steps", "3",
+            "--ddim-steps", "3", "--lr", "1e-3", "--quiet", "--output", str(out)]
+    assert main(argv) == 0
+    art = load_artifact(out)
+    assert art.metadata["target"] == "text_encoder" and all("encoder.layers." in k or "final_layer_norm" in k
+                                                           for k in art.tensors)
+    assert max(float(t.abs().max()) for t in art.tensors.values()) > 0
+    pipe = pipelines.load(sd_folder)
+    pipe.unet = tiny_sd_pipeline("sd1", seed=1).unet  # another UNet, the same text encoder
+    unet_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    te_before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    handle = pipelines.apply(pipe, out)
+    te = pipe.text_encoder.state_dict()
+    for k, d in art.tensors.items():
+        assert torch.allclose(te[k], te_before[k] + d, atol=1e-6), k
+    assert all(torch.equal(v, unet_before[k]) for k, v in pipe.unet.state_dict().items())
+    handle.remove()
+    assert all(torch.equal(v, te_before[k]) for k, v in pipe.text_encoder.state_dict().items())
+    with pytest.raises(UserError, match="another base model"):
+        pipelines.apply(pipelines.load("toy"), out)
+    assert main(["--concept", "nudity", "--method", "esd", "--adversarial", "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["esd"]["variant"] == "text-encoder" and plan["esd"]["lr"] == 1e-5 and plan["esd"]["steps"] == 1000
+    assert plan["adversarial"]["steps"] == 30 and plan["adversarial"]["retain_weight"] == 0.3

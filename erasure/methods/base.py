@@ -310,11 +310,14 @@ class FineTuneMethod(Method):
 
     def __init__(self, pipe, concept, config, ctx: Context):
         super().__init__(pipe, concept, config, ctx)
+        self.component = self.trained_component()
+        self.module = getattr(pipe, self.component)  # the network it fine-tunes: the UNet, or the text encoder
         names = self.trainable_names()
         if not names:
-            raise UserError(f"{self.name}: the selection '{getattr(config, 'variant', '?')}' matches no UNet parameter")
+            raise UserError(f"{self.name}: the selection '{getattr(config, 'variant', '?')}' matches no parameter")
         self.unet.requires_grad_(False)
-        params = dict(self.unet.named_parameters())
+        self.module.requires_grad_(False)
+        params = dict(self.module.named_parameters())
         self.params = {n: params[n] for n in names}
         for p in self.params.values():
             p.requires_grad_(True)
@@ -324,9 +327,13 @@ class FineTuneMethod(Method):
         self.mask: SaliencyMask | None = None
         self.mask_source: str | None = None
 
+    def trained_component(self) -> str:
+        """The pipeline component it fine-tunes (its artifact's ``target``): "unet", or "text_encoder"."""
+        return "unet"
+
     @abstractmethod
     def trainable_names(self) -> list[str]:
-        """Names of the UNet parameters this method trains."""
+        """Names of the parameters of :meth:`trained_component` this method trains."""
 
     def compute_mask(self) -> SaliencyMask:
         """The method's own saliency mask at θ₀ (methods with ``computes_mask``)."""
@@ -337,12 +344,16 @@ class FineTuneMethod(Method):
         sharded copy of it)."""
         if self.sharding is not None:
             return nullcontext(self.reference_net)
+        if self.component != "unet":  # the UNet is not trained: it is its own frozen reference
+            return nullcontext(self.unet)
         return swapped(self.unet, self.reference)
 
     def shard(self, sharding) -> None:
         """The UNet sharded; the frozen reference θ₀ (when the loss runs it) becomes a sharded copy of the UNet in
         the reference's precision; the exact fp32 θ₀ for θ − θ₀ waits on disk, on the main process only; a mask
         gates the sharded gradients in :meth:`after_backward`."""
+        if self.component != "unet":
+            raise UserError(f"{self.name}: --fsdp shards the UNet; this run trains the {self.component}: drop --fsdp")
         if self.uses_reference:
             ref = deepcopy(self.unet).requires_grad_(False)
             ref_params = dict(ref.named_parameters())
@@ -417,7 +428,8 @@ class FineTuneMethod(Method):
         if self.mask is not None:
             extra["mask"] = {"source": self.mask_source, "kept_fraction": round(self.mask.fraction, 6),
                              "fraction": self.mask.metadata.get("fraction"), "concept": self.mask.metadata.get("concept")}
-        meta = run_metadata(self, "weight_delta", model_id, module_fingerprint(self.unet, names), target="unet", **extra)
+        meta = run_metadata(self, "weight_delta", model_id, module_fingerprint(self.module, names),
+                            target=self.component, **extra)
         return self.delta(), meta, None
 
     def summary(self) -> dict:

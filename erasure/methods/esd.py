@@ -41,8 +41,9 @@ class ESDConfig:
     """ESD (Gandikota et al., 2023). Defaults: paper / train-esd.py at 8725451 unless noted."""
 
     variant: str = option("esd-x", "parameters trained: esd-x (cross-attention), esd-x-strict (its to_k/to_v), esd-u "
-                          "(all but cross-attention), full, selfattn",
-                          choices=("esd-x", "esd-x-strict", "esd-u", "full", "selfattn"))
+                          "(all but cross-attention), full, selfattn, or text-encoder (AdvUnlearn's configuration: "
+                          "the text encoder's layers, not the UNet; a plug-in text-encoder delta)",
+                          choices=("esd-x", "esd-x-strict", "esd-u", "full", "selfattn", "text-encoder"))
     eta: float = option(1.0, "negative guidance η (paper: 1.0)")
     steps: int = option(1000, "iterations (paper: 1000)")
     lr: float = option(1e-5, "learning rate, Adam (paper: 1e-5)")
@@ -61,6 +62,8 @@ def esd_loss(eps_theta: torch.Tensor, eps_star_c: torch.Tensor, eps_star_null: t
 
 def select_parameters(unet: torch.nn.Module, variant: str) -> list[str]:
     names = [n for n, _ in unet.named_parameters()]
+    if variant == "text-encoder":  # ``unet`` is the text encoder: its transformer layers and final norm
+        return [n for n in names if "encoder.layers." in n or "final_layer_norm" in n]
     if variant == "esd-x":
         return [n for n in names if ".attn2." in n]
     if variant == "esd-x-strict":  # the diffusers code's esd-x-strict: the text-facing projections only
@@ -97,8 +100,27 @@ class ESD(FineTuneMethod):
         self.prompt_embeds = encode(pipe, list(concept.prompts))  # (P, 77, D)
         self.null_embed = encode(pipe, [concept.surrogate])  # (1, 77, D): "" → unconditional
 
+    def trained_component(self) -> str:
+        return "text_encoder" if self.config.variant == "text-encoder" else "unet"
+
     def trainable_names(self) -> list[str]:
-        return select_parameters(self.unet, self.config.variant)
+        return select_parameters(self.module, self.config.variant)
+
+    def trained_modules(self) -> list[torch.nn.Module]:
+        return [self.module] if self.component != "unet" else [self.unet]
+
+    def _theta(self, clean: torch.Tensor, texts: list[str], idx: torch.Tensor, attack: bool = True) -> torch.Tensor:
+        """The trained model's conditioning for prompts ``idx`` of ``texts``: the attacked prompts under
+        --adversarial (``attack``: the concept's prompts); the trained text encoder's E_θ(c) (with gradients) for
+        the text-encoder variant; else the ``clean`` embeddings."""
+        if attack and self.adversary is not None and self.adversary.delta is not None:
+            return self.attacked(clean, idx)
+        if self.component == "unet":
+            return clean
+        tok = self.pipe.tokenizer
+        ids = tok([texts[int(i)] for i in idx], padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids
+        return self.module(ids.to(self.module.device))[0].to(clean.dtype)
 
     def loss(self, gen: torch.Generator) -> torch.Tensor:
         cfg = self.config
@@ -112,7 +134,7 @@ class ESD(FineTuneMethod):
         t = t.expand(cfg.batch_size).to(z.device)
         with torch.no_grad(), self.frozen() as frozen:
             e_null, e_c = denoise(frozen, torch.cat([z, z]), torch.cat([t, t]), torch.cat([null, cond])).chunk(2)
-        e_theta = denoise(self.unet, z, t, self.attacked(cond, idx))  # --adversarial: ε_θ(x_t, [δ*; c])
+        e_theta = denoise(self.unet, z, t, self._theta(cond, list(self.concept.prompts), idx))
         return esd_loss(e_theta, e_c, e_null, cfg.eta).mean()
 
     def retain_loss(self, gen: torch.Generator) -> torch.Tensor:
@@ -122,7 +144,7 @@ class ESD(FineTuneMethod):
         if not hasattr(self, "_retain"):
             texts = (self.concept.anchor_captions(self.ctx.seed + 3, 256) if self.concept.is_toy
                      else retain_prompts(self.concept))
-            self._retain = encode(self.pipe, texts)
+            self._retain, self._retain_texts = encode(self.pipe, texts), texts
         cfg = self.config
         idx = torch.randint(len(self._retain), (RETAIN_BATCH,), generator=gen)
         cond = self._retain[idx]
@@ -133,4 +155,5 @@ class ESD(FineTuneMethod):
                                 guidance=cfg.start_guidance, gen=gen)
             t = t.expand(len(cond)).to(z.device)
             goal = denoise(frozen, z, t, cond)
-        return ((denoise(self.unet, z, t, cond) - goal) ** 2).mean()
+        theta = self._theta(cond, self._retain_texts, idx, attack=False)
+        return ((denoise(self.unet, z, t, theta) - goal) ** 2).mean()
