@@ -74,7 +74,8 @@ def concept_report(pipe, judge, concept: str, *, images_per_prompt: int = 2, see
                    guidance: float = GUIDANCE, batch_size: int = 128) -> dict:
     """Rates for one toy concept: on its own prompts, its aliases, other prompts, and two-object prompts.
 
-    - ``target`` / ``alias``: fraction of images where the judge sees the concept (lower is better after erasure);
+    - ``target`` / ``alias`` / ``paraphrase``: fraction of images where the judge sees the concept (lower is better
+      after erasure; paraphrases: phrasings held out from every method's training prompts, shapes only);
     - ``other``: fraction where it sees the *prompted* shape (colour for colour concepts, fill for fills);
     - ``pair_other``: in two-object prompts with the concept, fraction where the other object is present;
       ``pair_target``: where the concept is.
@@ -82,8 +83,8 @@ def concept_report(pipe, judge, concept: str, *, images_per_prompt: int = 2, see
     kw = dict(images_per_prompt=images_per_prompt, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size)
     sets = toyworld.prompts(concept, seed)
     report = {"concept": concept}
-    for name in ("target", "alias"):
-        if sets[name]:
+    for name in ("target", "alias", "paraphrase"):
+        if sets.get(name):
             exp, seen, _ = _judge_set(pipe, judge, sets[name], **kw)
             report[name] = _rate([(s.has(concept), not s.shapes) for s in seen])
     exp, seen, _ = _judge_set(pipe, judge, sets["other"], **kw)

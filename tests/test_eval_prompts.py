@@ -67,7 +67,7 @@ def test_toy_sets_carry_what_a_correct_image_shows():
     assert len(target) == len(prompts("circle")["target"])
     assert all("circle" in r.shapes and r.group == "target" and r.seed is None for r in target)
     every = load_prompts("toy:circle")
-    assert {r.group for r in every} == {"target", "alias", "other", "pair"}
+    assert {r.group for r in every} == {"target", "alias", "other", "pair", "paraphrase"}
     assert all("circle" not in r.shapes for r in every if r.group == "other")
     single = load_prompts("toy:base/single")
     assert [r.text for r in single] == [p.text for p in base_prompts()["single"]]

@@ -53,7 +53,7 @@ def test_judge_accuracy_on_held_out_data_images(judge):
 
 def test_prompt_sets():
     sets = toyworld.prompts("circle")
-    assert set(sets) == {"target", "alias", "other", "pair"}
+    assert set(sets) == {"target", "alias", "other", "pair", "paraphrase"}
     assert any(p.text == "a sun" for p in sets["alias"])
     assert any(p.colour == "green" for p in sets["target"]), "held-out circle colour is evaluated"
     assert all("circle" not in p.shapes for p in sets["other"])
@@ -185,3 +185,18 @@ def test_min_snr_weighting_is_the_formula():
     expected = (torch.minimum(snr, torch.tensor(5.0)) / snr * per_sample).mean()
     assert torch.allclose(diffusion_loss(pred, eps, alpha_bar), expected)
     assert torch.allclose(diffusion_loss(pred[1:2], eps[1:2], alpha_bar[1:2]), per_sample[1])  # SNR ≤ γ: plain MSE
+
+
+def test_paraphrases_are_held_out_of_the_captions_and_still_drawn_as_the_concept(judge):
+    """The paraphrase set names the concept in phrasings no caption of the world uses (so no method trained on them),
+    and the base model still draws them as the concept."""
+    from erasure.concepts import resolve
+    from eval.toy import concept_report
+
+    rng = np.random.default_rng(0)
+    captions = {data.sample_scene(rng).caption for _ in range(20000)}
+    para = toyworld.prompts("circle")["paraphrase"]
+    assert len(para) >= 15 and not {p.text for p in para} & captions
+    assert not {p.text for p in para} & set(resolve("circle").prompts), "no method trains on them"
+    report = concept_report(pipelines.load("toy"), judge, "circle", images_per_prompt=2)
+    assert report["paraphrase"]["rate"] >= 0.8, report["paraphrase"]

@@ -161,6 +161,27 @@ def _pair_prompts(shape: str, rng, n: int) -> list[ToyPrompt]:
     return out
 
 
+# phrasings the world's captions never use (other word orders, words outside its caption templates): a held-out
+# set on which erasure must generalise beyond the prompts it trained on
+PARAPHRASES = ("one {colour} {shape}", "the {shape}, {colour}", "a {colour} {shape} shape", "{shape}",
+               "a single {shape}", "a {shape} coloured {colour}", "{fill} {shape} in {colour}",
+               "a drawing of a {colour} {shape}", "an image of a {fill} {shape}", "{colour} and {fill}: a {shape}")
+
+
+def paraphrase_prompts(shape: str, seed: int = 0) -> list[ToyPrompt]:
+    """Every :data:`PARAPHRASES` template for ``shape``, with colours and fills the world allows for it."""
+    rng = np.random.default_rng(seed + 17)
+    colours = [c for c in data.COLOURS if (shape, c) not in data.HELD_OUT]
+    out = []
+    for template in PARAPHRASES:
+        for _ in range(2 if "{colour}" in template or "{fill}" in template else 1):
+            c, f = str(rng.choice(colours)), str(rng.choice(data.FILLS))
+            text = data.articles(template.format(shape=shape, colour=c, fill=f))
+            out.append(ToyPrompt(text, (shape,), c if "{colour}" in template else None,
+                                 f if "{fill}" in template else None))
+    return out
+
+
 def base_prompts(seed: int = 0) -> dict[str, list[ToyPrompt]]:
     """Prompt sets that measure the base world's quality: every shape × colour × fill once, aliases, pairs,
     and the held-out shape × colour pairs."""
@@ -177,7 +198,9 @@ def prompts(concept: str, seed: int = 0) -> dict[str, list[ToyPrompt]]:
     - ``target``: prompts naming the concept (held-out combinations included);
     - ``alias``: prompts that imply it without naming it;
     - ``other``: prompts of the other concepts of the same kind (must keep working);
-    - ``pair``: two-object prompts with the concept and another shape (shapes only).
+    - ``pair``: two-object prompts with the concept and another shape (shapes only);
+    - ``paraphrase``: prompts naming the concept in phrasings no caption of the world uses (shapes only): held out
+      from every method's training prompts.
 
     A '+'-joined set ("circle+square") gives its members' ``target``, ``alias`` and ``pair`` prompts (pairs whose
     other shape is erased too left out) and, as ``other``, the single-object prompts naming none of them.
@@ -191,7 +214,7 @@ def prompts(concept: str, seed: int = 0) -> dict[str, list[ToyPrompt]]:
         target = [_single(concept, c, f) for c in data.COLOURS for f in (None, *data.FILLS) if f or c in ("red", "blue")]
         other = [_single(s, c, None) for s in data.SHAPES if s != concept for c in rng.choice(list(data.COLOURS), 3, replace=False) if (s, c) not in data.HELD_OUT]
         return {"target": target, "alias": _alias_prompts(data.aliases_of(concept), rng), "other": other,
-                "pair": _pair_prompts(concept, rng, 14)}
+                "pair": _pair_prompts(concept, rng, 14), "paraphrase": paraphrase_prompts(concept, seed)}
     if concept in data.COLOURS:
         target = [_single(s, concept, f) for s in data.SHAPES for f in (None, "solid", "striped")]
         other = [_single(s, c, None) for c in data.COLOURS if c != concept for s in rng.choice(data.SHAPES, 3, replace=False) if (s, c) not in data.HELD_OUT]
@@ -212,4 +235,4 @@ def _set_prompts(members: list[str], seed: int) -> dict[str, list[ToyPrompt]]:
     rest = [p for p in base_prompts(seed)["single"] if not {p.shapes[0], p.colour, p.fill} & names]
     pairs = [p for s in sets for p in s["pair"] if len(set(p.shapes) & names) == 1]
     return {"target": [p for s in sets for p in s["target"]], "alias": [p for s in sets for p in s["alias"]],
-            "other": rest, "pair": pairs}
+            "other": rest, "pair": pairs, "paraphrase": [p for s in sets for p in s.get("paraphrase", [])]}
