@@ -34,7 +34,7 @@ class AttackSettings:
     lr: float = 1e-3  # attack_lr (Adam)
     tokens: int = 1  # adv_prompt_num: k prefix vectors
     warmup: int = 200  # iterations of plain erasure before the first attack
-    retain_weight: float = 0.3  # γ, retain_loss_w (README command)
+    retain_weight: float = 0.3  # γ, retain_loss_w (README command): ESD's retain term (SPM, SalUn keep their own)
     images: int = 8  # images of the concept the inner attack denoises
     t_batch: int = 4  # diffusion timesteps per attack step
 

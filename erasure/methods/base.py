@@ -107,11 +107,6 @@ class Method(ABC):
         texts = self.adversarial_texts()
         return self.adversary.encode([texts[int(i)] for i in idx]).to(clean.dtype)
 
-    def retain_loss(self, gen: torch.Generator) -> torch.Tensor | None:
-        """The retain regulariser an adversarial run adds (× ``retain_weight``); ``None`` where the method's own
-        loss already keeps what must stay (SPM's anchors, SalUn's retain images)."""
-        return None
-
     # -- memory levers: the engine calls these after construction ------------------------------------------------
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Networks whose frozen weights mixed precision holds in half precision: the UNet's untrained weights and
@@ -145,10 +140,6 @@ class Method(ABC):
         (opt,) = optimizers.values()
         with accelerator.autocast():
             loss = self.loss(gen)
-            if self.adversary is not None:
-                retain = self.retain_loss(gen)
-                if retain is not None:
-                    loss = loss + self.adversary.s.retain_weight * retain
         if not torch.isfinite(loss):
             raise UserError(f"{self.name}: the loss became {loss.item()} at step {step}; lower --lr")
         opt.zero_grad(set_to_none=True)

@@ -123,37 +123,38 @@ class ESD(FineTuneMethod):
         return self.module(ids.to(self.module.device))[0].to(clean.dtype)
 
     def loss(self, gen: torch.Generator) -> torch.Tensor:
-        cfg = self.config
-        idx = torch.randint(len(self.prompt_embeds), (cfg.batch_size,), generator=gen)
+        """Eq. 5 on the concept's prompts; under --adversarial the trained model sees them behind the inner attack's
+        prefix, and AdvUnlearn's retain term γ‖ε_θ(x_t^r, c_r) − ε₀(x_t^r, c_r)‖² over ``RETAIN_BATCH`` retain
+        prompts is added, their x_t^r sampled in the same pass."""
+        cfg, b = self.config, self.config.batch_size
+        idx = torch.randint(len(self.prompt_embeds), (b,), generator=gen)
         cond = self.prompt_embeds[idx]  # (B, 77, D)
-        null = self.null_embed.expand_as(cond)
+        rows, r_idx = cond, None
+        if self.adversary is not None:
+            self._retain_set()
+            r_idx = torch.randint(len(self.retain_embeds), (RETAIN_BATCH,), generator=gen)
+            rows = torch.cat([cond, self.retain_embeds[r_idx]])
+        null = self.null_embed.expand_as(rows)
         stop = int(torch.randint(cfg.ddim_steps, (1,), generator=gen))
         with self.frozen() if cfg.sample_with == "frozen" else nullcontext(self.unet) as net:
-            z, t = partial_ddim(net, self.sampler, cond, null, n_steps=cfg.ddim_steps, stop_at=stop,
+            z, t = partial_ddim(net, self.sampler, rows, null, n_steps=cfg.ddim_steps, stop_at=stop,
                                 guidance=cfg.start_guidance, gen=gen)
-        t = t.expand(cfg.batch_size).to(z.device)
+        t = t.expand(len(rows)).to(z.device)
         with torch.no_grad(), self.frozen() as frozen:
-            e_null, e_c = denoise(frozen, torch.cat([z, z]), torch.cat([t, t]), torch.cat([null, cond])).chunk(2)
-        e_theta = denoise(self.unet, z, t, self._theta(cond, list(self.concept.prompts), idx))
-        return esd_loss(e_theta, e_c, e_null, cfg.eta).mean()
+            e_null, e_c = denoise(frozen, torch.cat([z, z]), torch.cat([t, t]), torch.cat([null, rows])).chunk(2)
+        theta = self._theta(cond, list(self.concept.prompts), idx)
+        if r_idx is not None:
+            theta = torch.cat([theta, self._theta(rows[b:], self.retain_texts, r_idx, attack=False)])
+        e_theta = denoise(self.unet, z, t, theta)
+        loss = esd_loss(e_theta[:b], e_c[:b], e_null[:b], cfg.eta).mean()
+        if r_idx is not None:
+            loss = loss + self.adversary.s.retain_weight * ((e_theta[b:] - e_c[b:]) ** 2).mean()
+        return loss
 
-    def retain_loss(self, gen: torch.Generator) -> torch.Tensor:
-        """AdvUnlearn's ℓ_r: ‖ε_θ(x_t^r, c_r) − ε₀(x_t^r, c_r)‖² over ``RETAIN_BATCH`` retain prompts c_r, x_t^r
-        sampled from c_r by the frozen model (retain prompts: toy, captions without the concept; else AdvUnlearn's
-        "a photo of a {COCO object}" set)."""
-        if not hasattr(self, "_retain"):
+    def _retain_set(self) -> None:
+        """AdvUnlearn's retain prompts, encoded once: toy, captions without the concept; else "a photo of a {COCO
+        object}"."""
+        if not hasattr(self, "retain_embeds"):
             texts = (self.concept.anchor_captions(self.ctx.seed + 3, 256) if self.concept.is_toy
                      else retain_prompts(self.concept))
-            self._retain, self._retain_texts = encode(self.pipe, texts), texts
-        cfg = self.config
-        idx = torch.randint(len(self._retain), (RETAIN_BATCH,), generator=gen)
-        cond = self._retain[idx]
-        null = self.null_embed.expand_as(cond)
-        stop = int(torch.randint(cfg.ddim_steps, (1,), generator=gen))
-        with torch.no_grad(), self.frozen() as frozen:
-            z, t = partial_ddim(frozen, self.sampler, cond, null, n_steps=cfg.ddim_steps, stop_at=stop,
-                                guidance=cfg.start_guidance, gen=gen)
-            t = t.expand(len(cond)).to(z.device)
-            goal = denoise(frozen, z, t, cond)
-        theta = self._theta(cond, self._retain_texts, idx, attack=False)
-        return ((denoise(self.unet, z, t, theta) - goal) ** 2).mean()
+            self.retain_embeds, self.retain_texts = encode(self.pipe, texts), texts
