@@ -41,7 +41,7 @@ Format (every relative path is relative to the config file)::
     [[attacks]]                  # optional: attack the models (eval.attacks) → rows of prompt set "attack"
     concept = "circle"           # the erased concept (a toy concept, or nudity with phrasings = FILE)
     attacks = ["alias_search", "ring_a_bell"]   # default: all (alias_search, concept_arithmetic, ring_a_bell,
-                                                #   unlearndiffatk)
+                                                #   unlearndiffatk, image_inversion)
     budget = "default"           # or "small" (a smoke-test budget)
     models = ["esd", "spm"]      # default: every model
     # phrasings = "file.txt"     # candidate phrasings (required for nudity)

@@ -536,3 +536,19 @@ def test_the_results_readers_do_not_import_the_sweep():
         imported |= {f"eval.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "eval"
                      for a in n.names}
         assert not {m for m in imported if m.startswith("eval.sweep")}, (name, imported)
+
+
+def test_many_concepts_and_robustness_examples_are_valid_sweeps():
+    """The committed configs behind the generated many-concepts and robustness pages: every method at N = 1, 3, 5
+    toy shapes; every method and the adversarial variants under the five attacks, with the paraphrase set."""
+    many = sweep.load_config(EXAMPLE.parent / "toy_many.toml", output="unused")
+    trained = [(m.artifacts[0].train if m.artifacts else m.train) for m in many.models[1:]]
+    assert {(t["method"], t["concept"]) for t in trained} == {
+        (m, f"toy-shapes:{n}") for m in ("esd", "spm", "salun", "uce", "rece", "sfd") for n in (1, 3, 5)}
+    robust = sweep.load_config(EXAMPLE.parent / "toy_robust.toml", output="unused")
+    names = [m.name for m in robust.models]
+    assert {"esd-adv", "esd-te-adv", "spm-adv", "salun-adv", "uce", "rece", "sfd"} <= set(names)
+    assert all(m.artifacts[0].train.get("adversarial") for m in robust.models if m.name.endswith("-adv"))
+    (attacks,) = robust.attacks
+    assert set(attacks.models) == set(names) and len(attacks.attacks) == 5
+    assert "paraphrase" in [p.name for p in robust.prompt_sets]
