@@ -122,3 +122,36 @@ def test_repeated_concept_flag_makes_one_run(capsys):
 def test_long_sets_get_a_short_output_name():
     plan = resolve("celebrities-10+artists-10", method="uce")
     assert plan.output.name == "adam_driver+19-more-uce.safetensors"
+
+
+def test_one_uce_edit_erases_three_toy_shapes_and_keeps_the_rest(tmp_path, judge):
+    """toy-shapes:3 in one closed-form edit: each member gone from its prompts and aliases, the other shapes kept."""
+    import pipelines
+    from eval.toy import concept_report
+
+    out = tmp_path / "three.safetensors"
+    assert main(["--concept", "toy-shapes:3", "--method", "uce", "--output", str(out), "--quiet"]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["config"]["concept"] == "toy-shapes:3"
+    pipe = pipelines.load("toy")
+    pipelines.apply(pipe, out)
+    for shape in SET:
+        r = concept_report(pipe, judge, shape, images_per_prompt=1)
+        assert r["target"]["rate"] <= 0.1 and r["alias"]["rate"] <= 0.15, (shape, r["target"], r["alias"])
+    star = concept_report(pipe, judge, "star", images_per_prompt=1)
+    assert star["target"]["rate"] >= 0.85, star["target"]
+
+
+def test_a_real_list_preset_is_one_edit_with_every_member(tmp_path):
+    from pipelines.testing import save_tiny, tiny_sd_pipeline
+
+    from adapters.artifact import load_artifact
+
+    folder = tmp_path / "sd"
+    save_tiny(tiny_sd_pipeline("sd1"), folder)
+    out = tmp_path / "artists.safetensors"
+    assert main(["--concept", "artists-10", "--method", "uce", "--model", str(folder), "--output", str(out),
+                 "--quiet"]) == 0
+    meta = load_artifact(out).metadata
+    assert meta["concept"] == "artists-10" and len(meta["concepts"]) == 10 and len(meta["prompts"]) == 20
+    assert meta["config"]["guide"] == "art"
