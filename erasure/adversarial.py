@@ -16,7 +16,7 @@ Each round's randomness comes from (seed, step) alone, so a resumed run attacks 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -48,12 +48,9 @@ def settings(on_toy: bool, explicit: dict) -> AttackSettings:
     s = AttackSettings(**(TOY_SETTINGS if on_toy else {}))
     s = AttackSettings(**{**s.__dict__, **{k: v for k, v in explicit.items() if v is not None}})
     if min(s.every, s.steps, s.tokens, s.images, s.t_batch) < 1 or s.warmup < 0 or s.lr <= 0 or s.retain_weight < 0:
-        raise UserError("--attack-every, --attack-steps, --attack-tokens must be ≥ 1, --attack-warmup and "
-                        "--retain-weight ≥ 0, --attack-lr > 0")
+        raise UserError("--attack-every, --attack-steps, --attack-tokens, --attack-images must be ≥ 1, "
+                        "--attack-warmup and --retain-weight ≥ 0, --attack-lr > 0")
     return s
-
-
-FIELDS = tuple(f.name for f in fields(AttackSettings))
 
 
 class Adversary:

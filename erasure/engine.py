@@ -166,18 +166,21 @@ def steps_of(config) -> int:
     return getattr(config, "rounds", 0) + 1
 
 
+# the run options of --adversarial, by erasure.adversarial.AttackSettings field
+_ATTACK_OPTIONS = {"every": "attack_every", "steps": "attack_steps", "lr": "attack_lr", "tokens": "attack_tokens",
+                   "warmup": "attack_warmup", "images": "attack_images", "retain_weight": "retain_weight"}
+
+
 def attack_options(run: TrainConfig) -> dict:
-    """The ``--attack-*`` / ``--retain-weight`` run options by :class:`erasure.adversarial.AttackSettings` field."""
-    return {name: getattr(run, "attack_" + name if name != "retain_weight" else name, None)
-            for name in adversarial.FIELDS if hasattr(run, "attack_" + name) or name == "retain_weight"}
+    """The run's ``--attack-*`` / ``--retain-weight`` values by :class:`erasure.adversarial.AttackSettings` field."""
+    return {field: getattr(run, option) for field, option in _ATTACK_OPTIONS.items()}
 
 
 def _check_adversarial(run: TrainConfig, cls: type[Method]) -> None:
-    given = [k for k, v in attack_options(run).items() if v is not None]
+    given = [_ATTACK_OPTIONS[k] for k, v in attack_options(run).items() if v is not None]
     if not run.adversarial:
         if given:
-            flag = given[0] if given[0] == "retain_weight" else "attack_" + given[0]
-            raise UserError(f"--{flag.replace('_', '-')} is an option of --adversarial: add --adversarial")
+            raise UserError(f"--{given[0].replace('_', '-')} is an option of --adversarial: add --adversarial")
         return
     if not cls.adversarial:
         names = ", ".join(n for n, m in METHODS.items() if m.adversarial)
