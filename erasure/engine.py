@@ -242,8 +242,9 @@ def apply_levers(method: Method, run: TrainConfig) -> None:
     if dtype is not None:
         method.cast_frozen(dtype)
     if run.gradient_checkpointing:
-        for module in method.trained_modules():
-            module.enable_gradient_checkpointing()
+        for module in method.trained_modules():  # diffusers' name, or transformers 5's (a trained text encoder)
+            enable = getattr(module, "enable_gradient_checkpointing", None) or module.activation_checkpointing_enable
+            enable()
 
 
 def mask_path(output: Path) -> Path:
