@@ -139,11 +139,12 @@ def test_text_encoder_variant_ships_a_delta_that_plugs_into_another_unet(sd_fold
     assert all(torch.equal(v, te_before[k]) for k, v in pipe.text_encoder.state_dict().items())
     with pytest.raises(UserError, match="another base model"):
         pipelines.apply(pipelines.load("toy"), out)
-    levers = ["--mixed-precision", "bf16", "--gradient-checkpointing", "--output", str(tmp_path / "te-bf16.safetensors")]
+    levers = ["--mixed-precision", "bf16", "--gradient-checkpointing", "--output", str(tmp_path / "te-bf16.safetensors"),
+              "--adversarial", "--attack-warmup", "0", "--attack-steps", "1", "--attack-images", "1"]
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(True)  # a second run in one test, with other mixed precision
-    assert main(argv[:-2] + levers) == 0, "the memory levers act on the trained text encoder too"
+    assert main(argv[:-2] + levers) == 0, "the levers act on the trained text encoder, the attack under autocast"
     assert main(["--concept", "nudity", "--method", "esd", "--adversarial", "--dry-run"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["esd"]["variant"] == "text-encoder" and plan["esd"]["lr"] == 1e-5 and plan["esd"]["steps"] == 1000
