@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.errors import UserError
+from erasure.data import Sampling
 from pipelines import prediction
 from pipelines.soft_prompt import encode_with_soft, prefixed_ids
 
@@ -65,7 +66,9 @@ class Adversary:
                             "not supported (SD 1.x / 2.x are)")
         self.method, self.s, self.seed = method, s, seed
         self.pipe, self.tok, self.te = pipe, pipe.tokenizer, pipe.text_encoder
-        latents, self.captions = method.concept.concept_latents(pipe, s.images, seed + 5)
+        ctx = method.ctx
+        sampling = Sampling(model_id=ctx.model_id, quiet=ctx.quiet)  # real concepts: 50 DDIM steps, CFG 7.5, cached
+        latents, self.captions = method.concept.concept_latents(pipe, s.images, seed + 5, sampling)
         self.latents = latents.to(pipe.unet.device, torch.float32)
         self.schedule = pipe.scheduler
         self.kind = prediction.prediction_type_of(pipe.scheduler)

@@ -10,6 +10,7 @@ import torch
 
 from adapters.artifact import load_artifact
 from erasure import adversarial, concepts, toyworld
+from erasure.methods.base import Context
 from erasure.train import main
 from pipelines.testing import save_tiny, tiny_sd_pipeline
 
@@ -29,6 +30,7 @@ class _Erased:
 
     def __init__(self, pipe, concept):
         self.pipe, self.concept, self.unet, self.params = pipe, concepts.resolve(concept), pipe.unet, {}
+        self.ctx = Context(seed=0, model_id="toy", quiet=True)
 
     def attack_model(self):
         return nullcontext(self.unet)
