@@ -62,7 +62,8 @@ def test_the_inner_attack_brings_an_erased_circle_back(tmp_path, judge):
     assert log["atk"] > 0.3 and adv.delta.shape == (1, pipe.text_encoder.config.hidden_size)
 
 
-@pytest.mark.parametrize("method", ["esd", "spm", "salun"])
+@pytest.mark.parametrize("method", ["esd", pytest.param("spm", marks=pytest.mark.slow),
+                                    pytest.param("salun", marks=pytest.mark.slow)])
 def test_adversarial_runs_log_their_attacks_and_say_so_in_the_artifact(sd_folder, tmp_path, method):
     argv = [a for a in TINY if a not in ("--ddim-steps", "3")] if method == "salun" else TINY
     if method == "salun":
@@ -76,6 +77,7 @@ def test_adversarial_runs_log_their_attacks_and_say_so_in_the_artifact(sd_folder
     assert load_artifact(out).metadata["adversarial"]["warmup"] == 1
 
 
+@pytest.mark.slow
 def test_an_adversarial_run_resumes_bit_identically(sd_folder, tmp_path, monkeypatch):
     from erasure.methods import esd
 
