@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from eval.report import _key
+from eval.report import column_key
 
 TARGET, ALIAS, OTHER = "target", "alias", "other"  # the toy sweeps' prompt-set names the erasure table reads
 
@@ -99,10 +99,10 @@ def set_tables(results: dict) -> list[str]:
     for p in results["prompt_sets"]:
         rows = [r for r in results["rows"] if r["prompt_set"] == p["name"] and r["metric"] != "attack"
                 and not r["quantity"].endswith("_none")]  # the no-shape fractions stay in results.csv
-        keys = list(dict.fromkeys(_key(r, single) for r in rows))
+        keys = list(dict.fromkeys(column_key(r, single) for r in rows))
         if not keys:
             continue
-        by = {(r["model"], _key(r, single)): r["value"] for r in rows}
+        by = {(r["model"], column_key(r, single)): r["value"] for r in rows}
         out += ["", f"### {p['name']} ({p['source']}: {p['prompts']} prompts, {p['images']} images)", ""]
         out += _table(["model", *keys], [[m, *(by.get((m, k)) for k in keys)] for m in models])
     return out

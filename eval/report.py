@@ -148,7 +148,7 @@ def _td(v, num=False, title=None) -> str:
     return f'<td class="num"{t}>{_fmt(v)}</td>' if num else f"<td{t}>{_fmt(v)}</td>"
 
 
-def _key(row: dict, single: set) -> str:
+def column_key(row: dict, single: set) -> str:
     """How a column is named: ``NAME`` for a metric with one quantity (a FID), else ``NAME.QUANTITY``."""
     return row["metric"] if row["metric"] in single else f"{row['metric']}.{row['quantity']}"
 
@@ -159,10 +159,10 @@ def _summary_tables(results: dict) -> str:
     single = {m["name"] for m in results["metrics"] if len(m["quantities"]) == 1}
     for p in results["prompt_sets"]:
         rows = [r for r in results["rows"] if r["prompt_set"] == p["name"]]
-        keys = list(dict.fromkeys(_key(r, single) for r in rows))
+        keys = list(dict.fromkeys(column_key(r, single) for r in rows))
         if not keys:
             continue
-        by = {(r["model"], _key(r, single)): r for r in rows}
+        by = {(r["model"], column_key(r, single)): r for r in rows}
         body = []
         for m in models:
             cells = [f"<th>{_e(m)}</th>"]
