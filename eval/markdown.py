@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from eval.report import column_key
+from eval.results import column_key
 
 TARGET, ALIAS, OTHER = "target", "alias", "other"  # the toy sweeps' prompt-set names the erasure table reads
 

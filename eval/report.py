@@ -29,8 +29,9 @@ from PIL import Image
 from adapters.artifact import write_bytes_atomic, write_text_atomic
 from adapters.errors import UserError
 from eval.generate import read_manifest
+from eval.markdown import page
 from eval.plots import render_all
-from eval.results import FORMAT, REPORT_HTML, RESULTS_CSV, RESULTS_JSON, train_options
+from eval.results import FORMAT, column_key, REPORT_HTML, RESULTS_CSV, RESULTS_JSON, train_options
 
 PLOTS_DIR = "plots"
 PLOT_INDEX = "index.json"
@@ -146,11 +147,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "", 
 def _td(v, num=False, title=None) -> str:
     t = f' title="{_e(title)}"' if title else ""
     return f'<td class="num"{t}>{_fmt(v)}</td>' if num else f"<td{t}>{_fmt(v)}</td>"
-
-
-def column_key(row: dict, single: set) -> str:
-    """How a column is named: ``NAME`` for a metric with one quantity (a FID), else ``NAME.QUANTITY``."""
-    return row["metric"] if row["metric"] in single else f"{row['metric']}.{row['quantity']}"
 
 
 def _summary_tables(results: dict) -> str:
@@ -344,8 +340,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = load_results(args.folder)
         if args.markdown:
-            from eval.markdown import page
-
             command = "python -m eval.report " + " ".join(argv if argv is not None else sys.argv[1:])
             path = Path(args.markdown)
             write_text_atomic(path, page(results, command, base=args.base))

@@ -46,3 +46,8 @@ def train_options(options: dict | list | None) -> str:
     if isinstance(options, list):
         return " ".join(options)
     return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in options.items()) + " }"
+
+
+def column_key(row: dict, single: set) -> str:
+    """How a column is named: ``NAME`` for a metric with one quantity (a FID), else ``NAME.QUANTITY``."""
+    return row["metric"] if row["metric"] in single else f"{row['metric']}.{row['quantity']}"

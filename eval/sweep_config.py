@@ -262,8 +262,6 @@ def _train(place: Place, options: dict, forbidden, train_steps: int | None, *, m
 
 
 def _method_fields(method: str) -> set[str]:
-    from erasure.methods import METHODS
-
     cls = METHODS.get(method)
     return {f.name for f in fields(cls.config_class)} if cls else {"steps"}
 
