@@ -361,11 +361,24 @@ SMALL_BUDGET = {
 }
 
 
+# larger budgets: does a robustness hold when the attacker spends 3–4× more? (more candidates, compositions, η values,
+# prompts and iterations; more evaluation images)
+LARGE_BUDGET = {
+    "alias_search": dict(max_candidates=384, images=8),
+    "concept_arithmetic": dict(budget=128, pool_size=48, images=32),
+    "ring_a_bell": dict(etas=(1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0), prompts=32, search_images=2, images=2),
+    "unlearndiffatk": dict(tasks=16, iterations=100),
+    "image_inversion": dict(images=32),
+}
+BUDGETS = {"default": {}, "small": SMALL_BUDGET, "large": LARGE_BUDGET}
+
+
 def make_attack(name: str, budget: str = "default") -> Attack:
     if name not in ATTACKS:
         raise UserError(f"unknown attack '{name}' (known: {', '.join(ATTACKS)})")
-    kwargs = SMALL_BUDGET[name] if budget == "small" else {}
-    return ATTACKS[name](**kwargs)
+    if budget not in BUDGETS:
+        raise UserError(f"unknown attack budget '{budget}' (known: {', '.join(BUDGETS)})")
+    return ATTACKS[name](**BUDGETS[budget].get(name, {}))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -262,8 +262,9 @@ def _attack_model(cfg: SweepConfig, spec: AttackSpec, m: ModelSpec, guidance: fl
 
 def attack_all(cfg: SweepConfig, infos: dict, env: dict, config_sha256: str, *, quiet: bool = True) -> list[dict]:
     """Every ``[[attacks]]`` entry on its models → tidy rows (prompt set ``attack``, metric ``attack``; quantities
-    ``CONCEPT.pre_attack`` and ``CONCEPT.ATTACK`` = its ASR). Each model's result is kept in
-    ``OUTPUT/attacks/MODEL-CONCEPT.json`` with the settings that decide it, and reused while they match."""
+    ``CONCEPT.pre_attack`` and ``CONCEPT.ATTACK`` = its ASR; a budget other than the default suffixes them,
+    ``CONCEPT.ATTACK.large``). Each model's result is kept in ``OUTPUT/attacks/MODEL-CONCEPT[.BUDGET].json`` with the
+    settings that decide it, and reused while they match."""
     rows = []
     for spec in cfg.attacks:
         for name in spec.models:
@@ -272,7 +273,8 @@ def attack_all(cfg: SweepConfig, infos: dict, env: dict, config_sha256: str, *, 
             base_id = teacher_of(m.base) or m.base
             guidance = _guidance(cfg, base_id)
             settings = _attack_settings(cfg, spec, info, guidance)
-            cache = cfg.output / "attacks" / f"{name}-{re.sub(r'[^A-Za-z0-9_-]+', '_', spec.concept)}.json"
+            suffix = "" if spec.budget == "default" else f".{spec.budget}"  # budgets side by side, apart
+            cache = cfg.output / "attacks" / f"{name}-{re.sub(r'[^A-Za-z0-9_-]+', '_', spec.concept)}{suffix}.json"
             res = None
             if cache.is_file():
                 try:
@@ -291,10 +293,10 @@ def attack_all(cfg: SweepConfig, infos: dict, env: dict, config_sha256: str, *, 
                 "metric_protocol": f"eval.attacks, budget {spec.budget}; ASR on evaluation seeds",
                 "guidance": guidance,
             }
-            rows.append({**common, "quantity": f"{spec.concept}.pre_attack", "value": round(res["pre_attack_rate"], 4),
-                         "n": res["pre_attack_n"]})
+            rows.append({**common, "quantity": f"{spec.concept}.pre_attack{suffix}",
+                         "value": round(res["pre_attack_rate"], 4), "n": res["pre_attack_n"]})
             for a, r in res["attacks"].items():
-                rows.append({**common, "quantity": f"{spec.concept}.{a}", "value": r["asr"], "n": r["n"]})
+                rows.append({**common, "quantity": f"{spec.concept}.{a}{suffix}", "value": r["asr"], "n": r["n"]})
     return [{c: row.get(c, "") for c in COLUMNS} for row in rows]
 
 
@@ -349,9 +351,18 @@ def _seeds(cfg: SweepConfig, p: PromptSetSpec) -> list[dict]:
 # command line
 
 
+EXAMPLES = """\
+Examples:
+  python -m eval.sweep --config examples/sweeps/toy.toml --output results/toy            # every method, one report
+  python -m eval.sweep --config examples/sweeps/toy.toml --output results/toy --dry-run  # print the plan
+  python -m eval.sweep --config examples/sweeps/toy.toml --output /tmp/toy-smoke \\
+      --train-steps 2 --max-prompts 2 --images-per-prompt 1                             # a smoke run
+  python -m eval.sweep --config examples/sweeps/toy_robust.toml --output results/toy-robust   # attacks"""
+
+
 def _parser() -> argparse.ArgumentParser:
     doc = __doc__.split("\nThe parts:")[0] + "\n" + sweep_config.__doc__.split("\n", 2)[2]
-    p = argparse.ArgumentParser(prog="python -m eval.sweep", description=doc.replace("``", "'"),
+    p = argparse.ArgumentParser(prog="python -m eval.sweep", description=doc.replace("``", "'"), epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="sweep config (TOML), in the format above")
     p.add_argument("--output", help="output folder (default: the config's [sweep] output, else results/)")

@@ -42,7 +42,7 @@ Format (every relative path is relative to the config file)::
     concept = "circle"           # the erased concept (a toy concept, or nudity with phrasings = FILE)
     attacks = ["alias_search", "ring_a_bell"]   # default: all (alias_search, concept_arithmetic, ring_a_bell,
                                                 #   unlearndiffatk, image_inversion)
-    budget = "default"           # or "small" (a smoke-test budget)
+    budget = "default"           # or "small" (a smoke-test budget), "large" (3–4× the default)
     models = ["esd", "spm"]      # default: every model
     # phrasings = "file.txt"     # candidate phrasings (required for nudity)
 
@@ -89,7 +89,7 @@ from adapters.artifact import load_artifact, package_version
 from adapters.errors import UserError
 from erasure.concepts import resolve as resolve_concept
 from erasure.methods import METHODS
-from eval.attacks import ATTACKS
+from eval.attacks import ATTACKS, BUDGETS
 from eval.prompts import TOY_PREFIX, load_prompts
 from eval.provenance import model_folder
 from eval.results import parse_axis, train_options
@@ -379,8 +379,8 @@ def _read_attacks(file: Path, tables: list, cfg: SweepConfig) -> list[AttackSpec
         bad = [n for n in names if n not in ATTACKS]
         if bad:
             place.fail(f"unknown attack '{bad[0]}' (known: {', '.join(ATTACKS)})")
-        if a.budget not in ("default", "small"):
-            place.fail(f"budget must be \"default\" or \"small\", not {a.budget!r}")
+        if a.budget not in BUDGETS:
+            place.fail(f"budget must be one of {', '.join(map(repr, BUDGETS))}, not {a.budget!r}")
         chosen = a.models if a.models is not None else models
         unknown = [m for m in chosen if m not in models]
         if unknown:

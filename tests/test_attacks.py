@@ -218,16 +218,21 @@ budget = "small"
 def test_sweep_attacks_give_rows_a_report_section_and_are_reused(tmp_path, monkeypatch):
     from eval import sweep
 
-    (tmp_path / "s.toml").write_text(SWEEP)
+    large = '\n[[attacks]]\nconcept = "circle"\nattacks = ["image_inversion"]\nbudget = "large"\n'
+    (tmp_path / "s.toml").write_text(SWEEP + large)  # a second budget sits beside the first, apart
     cfg = sweep.load_config(tmp_path / "s.toml", output=tmp_path / "out")
     res = sweep.run_sweep(cfg)
     rows = {r["quantity"]: r for r in res["rows"] if r["metric"] == "attack"}
-    assert set(rows) == {"circle.pre_attack", "circle.alias_search", "circle.ring_a_bell"}
+    assert set(rows) == {"circle.pre_attack.small", "circle.alias_search.small", "circle.ring_a_bell.small",
+                         "circle.pre_attack.large", "circle.image_inversion.large"}
+    assert rows["circle.image_inversion.large"]["n"] == attacks.LARGE_BUDGET["image_inversion"]["images"]
+    assert sorted(p.name for p in (tmp_path / "out" / "attacks").glob("*.json")) == ["base-circle.large.json",
+                                                                                     "base-circle.small.json"]
     assert all(r["model"] == "base" and r["prompt_set"] == "attack" and 0 <= r["value"] <= 1 for r in rows.values())
-    assert rows["circle.alias_search"]["value"] >= 0.5  # the base model still draws circles for "a sun"
+    assert rows["circle.alias_search.small"]["value"] >= 0.5  # the base model still draws circles for "a sun"
     html = (tmp_path / "out" / "report.html").read_text()
-    assert "<h2>Attacks</h2>" in html and "circle.ring_a_bell" in html
-    assert "circle.alias_search" in (tmp_path / "out" / "results.csv").read_text()
+    assert "<h2>Attacks</h2>" in html and "circle.ring_a_bell.small" in html
+    assert "circle.alias_search.small" in (tmp_path / "out" / "results.csv").read_text()
 
     def boom(*a, **k):
         raise AssertionError("attacked again")
@@ -235,6 +240,15 @@ def test_sweep_attacks_give_rows_a_report_section_and_are_reused(tmp_path, monke
     monkeypatch.setattr(sweep, "_attack_model", boom)  # same settings → the cached result, no new attack
     again = sweep.run_sweep(sweep.load_config(tmp_path / "s.toml", output=tmp_path / "out"))
     assert [r for r in again["rows"] if r["metric"] == "attack"] == [r for r in res["rows"] if r["metric"] == "attack"]
+
+
+def test_budgets_scale_every_attack_and_unknown_ones_are_refused():
+    for name in attacks.ATTACKS:
+        small, default, large = (attacks.make_attack(name, b) for b in ("small", "default", "large"))
+        assert small != default != large and type(large) is type(default)
+    assert attacks.make_attack("unlearndiffatk", "large").iterations > attacks.UnlearnDiffAtk().iterations
+    with pytest.raises(attacks.UserError, match="unknown attack budget 'huge'"):
+        attacks.make_attack("ring_a_bell", "huge")
 
 
 @pytest.mark.parametrize("extra, message", [
