@@ -29,7 +29,7 @@ from PIL import Image
 from adapters.artifact import write_bytes_atomic, write_text_atomic
 from adapters.errors import UserError
 from eval.generate import read_manifest
-from eval.markdown import page
+from eval.markdown import write_page
 from eval.plots import render_all
 from eval.results import FORMAT, column_key, REPORT_HTML, RESULTS_CSV, RESULTS_JSON, train_options
 
@@ -327,23 +327,51 @@ def load_results(output: str | os.PathLike) -> dict:
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.report", description="Rebuild plots/ and report.html of a sweep "
-                                "output folder from its results.json and images/.")
+DESCRIPTION = """\
+Rebuild plots/ and report.html of a sweep output folder from its results.json and images/, or, with --markdown
+FILE, write a Markdown results page instead: an erasure table per model (method, number of concepts, training
+seconds, artifact size, the erased concepts' rates on their prompts and aliases, the rest drawn as asked and its
+toy FID, both against --base), then every prompt set's numbers and the attacks, headed by the command, the config
+hash, the package versions and the date. Beside FILE go the same name with .json (the results it shows) and .png
+(a row of images per model). Results pages are generated, never typed."""
+
+EXAMPLES = """\
+Examples:
+  python -m eval.report results/toy                         # rebuild results/toy/plots/ and report.html
+  python -m eval.report results/toy --markdown docs/results.md --readme README.md
+  python -m eval.report results/toy-robust --markdown docs/results/robustness.md"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.report", description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="a sweep output folder (with results.json)")
     p.add_argument("--thumb", type=int, default=96, help="image size in the grids, pixels (default: %(default)s)")
     p.add_argument("--markdown", metavar="FILE", help="write the results as a Markdown page to FILE instead (the "
-                   "erasure table and every prompt set's numbers, headed by the command, config hash and versions)")
+                   "erasure table and every prompt set's numbers, headed by the command, config hash and versions), "
+                   "with FILE's .json (the results it shows) and .png (a row of images per model) beside it")
     p.add_argument("--base", default="base", help="with --markdown: the model the ratios compare with "
                    "(default: %(default)s)")
+    p.add_argument("--readme", metavar="FILE", help="with --markdown: also replace FILE's headline table (between "
+                   "its '<!-- results:headline … -->' markers) with the page's erasure numbers")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.readme and not args.markdown:
+        p.error("--readme needs --markdown (the page the table links to)")
     try:
         results = load_results(args.folder)
         if args.markdown:
             command = "python -m eval.report " + " ".join(argv if argv is not None else sys.argv[1:])
-            path = Path(args.markdown)
-            write_text_atomic(path, page(results, command, base=args.base))
-            print(path)
+            try:
+                for path in write_page(args.folder, results, args.markdown, command, base=args.base,
+                                       readme=args.readme):
+                    print(path)
+            except OSError as e:
+                raise UserError(f"cannot write the page: {e}") from None
             return 0
         write_plots(args.folder, results)
         path = write_report(args.folder, results, thumb=args.thumb)
