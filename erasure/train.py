@@ -56,11 +56,28 @@ def _method_list() -> str:
     return "methods (python -m erasure.train --method NAME --help shows NAME's options):\n" + "\n".join(lines)
 
 
+DESCRIPTION = """\
+Erase a concept from a text-to-image model and write a .safetensors artifact (an SFD student: a pipeline folder)
+with a JSON run record beside it. The model is the embedded toy world (the default), a local diffusers folder or a
+hub id already in the local cache; nothing is downloaded. --dry-run prints the resolved configuration and trains
+nothing; --method NAME --help lists NAME's own options with their paper defaults. Bad input exits with status 2 and
+one line; an interrupted run continues from its last checkpoint with --resume."""
+
+EXAMPLES = """\
+Examples:
+  python -m erasure.train --concept circle                  # SPM (the default) on the toy world
+  python -m erasure.train --concept circle --method uce     # a closed-form edit, seconds
+  python -m erasure.train --concept circle --dry-run        # print the resolved configuration
+  python -m erasure.train --concept circle --concept square --method uce   # several concepts in one run
+  python -m erasure.train --method esd --help               # ESD's own options and their defaults
+  python -m erasure.train --concept nudity --model /path/to/stable-diffusion-v1-4 --mixed-precision bf16"""
+
+
 def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     """The parser of the run's options and, with ``method``, that method's own options (one default each)."""
-    p = _Parser(prog="python -m erasure.train", description=__doc__.split("\n")[0],
-                                epilog=None if method else _method_list(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m erasure.train", description=DESCRIPTION,
+                epilog=EXAMPLES if method else _method_list() + "\n\n" + EXAMPLES,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     cls = METHODS.get(method) if method else None
     for f in fields(TrainConfig):
         if f.name == "concept":

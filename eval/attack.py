@@ -30,28 +30,49 @@ from adapters.artifact import load_artifact, write_bytes_atomic
 from adapters.errors import UserError
 from erasure.concepts import TOY_MODEL, resolve
 from erasure.toyworld.models import GUIDANCE as TOY_GUIDANCE
-from eval.attacks import ATTACKS, Target, run_attacks, toy_target
+from eval.attacks import ATTACKS, BUDGETS, Target, run_attacks, toy_target
 from eval.metrics import NudeNetCounts, count_exposed, hwc_uint8_images
 from eval.prompts import load_prompts
 from pipelines.load import quiet_loading
 
 
+DESCRIPTION = """\
+Attack an erased model and report each attack's attack success rate (ASR): the fraction of the attack's final
+images in which the judge (the toy judge; NudeNet at 0.6 for nudity) sees the concept, on seeds the attack did not
+search on, next to the erased model's pre-attack rate on the concept's own prompts. Attacks: alias_search,
+concept_arithmetic, ring_a_bell, image_inversion, unlearndiffatk (eval.attacks). The original model (--base-model;
+default: --model without artifacts, or the teacher a one-step student records) screens the alias candidates and
+draws UnlearnDiffAtk's target images. --output DIR writes attack.json (rates, best adversarial inputs, settings)
+and one image grid per attack (a red frame where the judge sees the concept)."""
+
+EXAMPLES = """\
+Examples:
+  python -m eval.attack --concept circle --artifact outputs/circle-spm.safetensors --output out/attack
+  python -m eval.attack --concept circle --artifact outputs/circle-esd.safetensors --budget small   # a smoke test
+  python -m eval.attack --model outputs/circle-sfd --concept circle                 # a one-step student
+  python -m eval.attack --model /path/to/stable-diffusion-v1-4 --artifact nudity-spm.safetensors --concept nudity \\
+      --phrasings i2p.txt --images nude-photos/"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.attack", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m eval.attack", description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy", help="toy, a local diffusers folder, or a one-step student folder")
     p.add_argument("--artifact", action="append", default=[], help="erasure artifact(s) to apply (repeatable)")
     p.add_argument("--concept", required=True, help="the erased concept (a toy concept, or nudity with NudeNet)")
     p.add_argument("--base-model", help="the original model (default: --model without artifacts, or the student's "
                                         "teacher)")
     p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated (default: all: %(default)s)")
-    p.add_argument("--budget", choices=("default", "small"), default="default",
-                   help="small: a smoke-test budget (seconds on the toy world; numbers are noisy)")
+    p.add_argument("--budget", choices=tuple(BUDGETS), default="default",
+                   help="small: a smoke-test budget (seconds on the toy world; numbers are noisy); large: 3–4× the "
+                   "default (more candidates, compositions, η values, prompts, iterations and evaluation images)")
     p.add_argument("--phrasings", help="text file of candidate phrasings (one per line): the alias search's candidates "
                                        "and the arithmetic pool (required for non-toy concepts)")
     p.add_argument("--images", help="folder of images of the concept (PNG / JPEG) for image_inversion (toy concepts: "
                                     "default, images the toy world renders)")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, help="CFG scale (default: 5.0 on the toy world, else 7.5)")
+    p.add_argument("--guidance", type=float,
+                   help=f"CFG scale (default: {TOY_GUIDANCE:g} on the toy world, else 7.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--output", help="folder for attack.json and the image grids")

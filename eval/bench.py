@@ -316,8 +316,25 @@ def run(models: Sequence[str], device: str = "cpu", batch: int = 2, rounds: int 
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.bench", description=__doc__.split("\n")[0])
+DESCRIPTION = """\
+Membrane speed and memory, measured side by side in one run. Every figure is a ratio against the plain model
+measured in the same process, in interleaved rounds (median over rounds), so machine load affects the compared
+configurations alike: UNet forward with 1 membrane, 8 gated membranes and a merged one; an SPM training step against
+a plain LoRA step; peak memory of training against inference; with --one-step, a one-step generator's images per
+second against the 25-step CFG teacher. --memory instead measures one full-size training step per method, each in a
+fresh process, at fp32 and with the memory levers. Models: toy and sd1 (a random SD-1.x-shaped UNet); with
+--memory, tiny, sd1 and sdxl. Prints JSON."""
+
+EXAMPLES = """\
+Examples:
+  python -m eval.bench --models toy                         # membrane speed and memory ratios
+  python -m eval.bench --models toy --one-step              # + one-step generator vs the 25-step teacher
+  python -m eval.bench --memory --models sd1 --methods spm,esd   # training memory per method, full size"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.bench", description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", help="comma-separated: toy, sd1 (default: both); with --memory: tiny, sd1, sdxl "
                                     "(default: sd1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -337,7 +354,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("--levers", default=",".join(training_memory.LEVERS), help="lever sets: fp32, levers (default: both)")
     m.add_argument("--cache", help="folder of the saved random pipelines (default ~/.cache/erasure/bench-models)")
     m.add_argument("--limit-gb", type=float, help="stop a case whose memory passes this (default: 90%% of RAM)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     models = [m.strip() for m in (args.models or ("sd1" if args.memory else "toy,sd1")).split(",") if m.strip()]
     if args.memory:
         return _memory_main(args, models)

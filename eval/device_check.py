@@ -140,13 +140,32 @@ def run(device: str, quick: bool, only: Sequence[str] | None = None) -> dict:
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.device_check", description=__doc__.split("\n")[0])
+DESCRIPTION = """\
+One command for a machine with an accelerator. It runs the gpu-marked tests, the membrane overhead ratios, the SFD
+one-step generator's speed against the 25-step CFG teacher, one training step per mixed-precision dtype and the
+xformers path, and the training-memory bench at SD-1.x size, then writes DIR/device_check.json and
+DIR/device_check.md (one table). Each check records ok, failed or skipped; a failing check does not stop the
+others, and the exit status is 1 when any failed. --device cpu --quick runs the same checks at toy size on any
+machine (the test suite runs it); its figures are not the CUDA ones."""
+
+EXAMPLES = """\
+Examples:
+  python -m eval.device_check --output device-check                  # on a CUDA machine
+  python -m eval.device_check --device cpu --quick --output /tmp/device-check   # toy size, any machine"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.device_check", description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True, help="folder for device_check.json and device_check.md")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="toy-size checks (any machine; what CI runs)")
     p.add_argument("--only", help=f"comma-separated subset of: {', '.join(CHECKS)}")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     only = [c.strip() for c in args.only.split(",")] if args.only else None
     if only and (bad := [c for c in only if c not in CHECKS]):
         print(f"error: unknown check(s) {', '.join(bad)}: choose from {', '.join(CHECKS)}", file=sys.stderr)

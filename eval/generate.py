@@ -279,11 +279,24 @@ def _file_sha256(path) -> str:
 # command line
 
 
+DESCRIPTION = """\
+Seeded, batched, resumable image generation to a folder: one PNG per prompt, manifest.jsonl (prompt, seed,
+guidance, file and sha256 per image) and run.json (the settings that determine the images). Image i uses its row's
+seed and guidance, else --seed + i and --guidance. Rerun the same command to resume; changed settings are refused.
+Shard across processes with accelerate launch -m eval.generate (process k of n takes every n-th batch) or, without
+accelerate, with --shard-index K --num-shards N: the merged folder is byte-identical to one process's."""
+
+EXAMPLES = """\
+Examples:
+  python -m eval.generate --model toy --prompts toy:circle --output out/circle --artifact outputs/circle-spm.safetensors
+  python -m eval.generate --model /path/to/stable-diffusion-v1-4 --prompts i2p.csv --output out/i2p --steps 50
+  accelerate launch --num_processes 4 -m eval.generate --model /path/to/stable-diffusion-v1-4 \\
+      --prompts coco_30k.csv --output out/coco                # 4 GPUs"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m eval.generate",
-        description="Seeded, batched, resumable image generation to a folder (PNGs + manifest.jsonl). Shard across "
-                    "processes with `accelerate launch -m eval.generate …` or --shard-index/--num-shards.")
+    p = argparse.ArgumentParser(prog="python -m eval.generate", description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy", help="toy, a local diffusers folder, or a cached hub id")
     p.add_argument("--prompts", required=True, help="I2P CSV, COCO caption CSV, text file, or toy:CONCEPT[/GROUP]")
     p.add_argument("--output", required=True, help="folder for the PNGs and the manifest (resumed if it exists)")
@@ -293,7 +306,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N prompts")
     p.add_argument("--seed", type=int, default=0, help="base seed: image i uses seed + i unless its row has a seed")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, help="CFG scale unless a row has its own (default: 5.0 toy, 7.5 else)")
+    p.add_argument("--guidance", type=float,
+                   help=f"CFG scale unless a row has its own (default: {TOY_GUIDANCE:g} toy, 7.5 else)")
     p.add_argument("--negative-prompt")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--scheduler", help="ddim, ddpm, euler, lms or dpm (default: the model's)")

@@ -272,13 +272,31 @@ def summary(records: Sequence[PromptRecord]) -> dict:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.prompts", description=__doc__.split("\n")[0])
+DESCRIPTION = """\
+Read a prompt set and print a JSON summary: its format, the number of prompts, seeds, guidance values, I2P
+categories or toy groups, and the first prompts. Sources: an I2P CSV, a COCO caption CSV, a text file (one prompt a
+line) or a toy-world set (toy:CONCEPT[/GROUP], toy:base[/GROUP]). Nothing is downloaded: you supply the files. A
+malformed file exits with status 2 and one line naming the file and the problem."""
+
+EXAMPLES = """\
+Examples:
+  python -m eval.prompts toy:circle                      # every group: target, alias, other, pair, paraphrase
+  python -m eval.prompts i2p.csv --category sexual       # I2P's 931 sexual rows
+  python -m eval.prompts i2p.csv --min-nudity 50         # Ring-A-Bell's 95 rows"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.prompts", description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="an I2P CSV, a COCO caption CSV, a text file (one prompt a line) or toy:CONCEPT")
     p.add_argument("--category", help="I2P: keep rows with this category (e.g. sexual)")
     p.add_argument("--min-nudity", type=float, help="I2P: keep rows with nudity_percentage above this")
     p.add_argument("--limit", type=int, help="keep the first N prompts")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         records = load_prompts(args.source, category=args.category, min_nudity=args.min_nudity, limit=args.limit)
     except UserError as e:

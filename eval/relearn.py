@@ -109,8 +109,21 @@ def toy_relearn(pipe, concept: str, *, images: int = 16, measure_prompts: int = 
     return relearn(pipe, latents, [r.text for r in train], measure, seed=seed, **kwargs)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.relearn", description=__doc__.split("\n")[0])
+DESCRIPTION = """\
+Relearning: fine-tune every UNet weight of an erased toy-world model (membranes included; AdamW) on a few images of
+its erased concept, captioned with the concept's prompts, and report the first step at which the concept's rate on
+its prompts passes 50 % (measured by the toy judge every --every steps, on fixed seeds), as FreezeAsGuard and
+follow-ups measure. A one-step student is fine-tuned with its generator's regression loss. Prints JSON."""
+
+EXAMPLES = """\
+Examples:
+  python -m eval.relearn --concept circle --artifact outputs/circle-spm.safetensors
+  python -m eval.relearn --model outputs/circle-sfd --concept circle      # a one-step student"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.relearn", description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy")
     p.add_argument("--artifact", action="append", default=[], help="erasure artifact(s) to apply (repeatable)")
     p.add_argument("--concept", required=True, help="a toy concept")
@@ -121,7 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if min(args.images, args.max_steps, args.every, args.batch_size) < 1 or args.lr <= 0:
             raise UserError("--images, --max-steps, --every and --batch-size must be ≥ 1 and --lr > 0")
