@@ -13,7 +13,7 @@ from eval import markdown, report
 from test_eval_report import fake_results
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["docs/results.md", "docs/results/many-concepts.md"]
+PAGES = ["docs/results.md", "docs/results/many-concepts.md", "docs/results/robustness.md"]
 
 
 def _erased(results: dict) -> dict:
