@@ -13,7 +13,8 @@ from eval import markdown, report
 from test_eval_report import fake_results
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["docs/results.md", "docs/results/many-concepts.md", "docs/results/robustness.md"]
+PAGES = ["docs/results.md", "docs/results/many-concepts.md", "docs/results/robustness.md",
+         "docs/results/robustness-frontier.md"]
 
 
 def _erased(results: dict) -> dict:
