@@ -549,6 +549,9 @@ def test_many_concepts_and_robustness_examples_are_valid_sweeps():
     names = [m.name for m in robust.models]
     assert {"esd-adv", "esd-te-adv", "spm-adv", "salun-adv", "uce", "rece", "sfd"} <= set(names)
     assert all(m.artifacts[0].train.get("adversarial") for m in robust.models if m.name.endswith("-adv"))
-    (attacks,) = robust.attacks
-    assert set(attacks.models) == set(names) and len(attacks.attacks) == 5
-    assert "paraphrase" in [p.name for p in robust.prompt_sets]
+    default, large = robust.attacks  # every model at the default budget; the adversarial ones also at the large
+    assert set(default.models) == set(names) and len(default.attacks) == 5 and default.budget == "default"
+    assert large.budget == "large" and set(large.models) == {n for n in names if n.endswith("-adv")}
+    assert {"paraphrase", "pair"} <= {p.name for p in robust.prompt_sets}
+    frontier = sweep.load_config(EXAMPLE.parent / "toy_robust_frontier.toml", output="unused")
+    assert all(m.artifacts[0].train["attack_tokens"] == 5 for m in frontier.models[1:])
