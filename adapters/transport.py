@@ -15,7 +15,7 @@ membrane with several targets takes the max over them. Two ways to compare hidde
   produce fall back to ``"flat"``.
 
 On the toy world one membrane erases its aliases best under ``"flat"``; several stacked keep the prompts that name
-none of them intact only under ``"eos"`` (the similarities and rates: README, "Measured on the toy world").
+none of them intact only under ``"eos"`` (the similarities and rates: docs/methods/spm.md).
 
 Differences from the original code, on purpose:
 
@@ -28,7 +28,7 @@ Differences from the original code, on purpose:
   default), so one γ per prompt acts in both branches, as in the SPM code. Scored by its own text instead
   (``pair_negatives=False``), the empty negative prompt keeps a membrane open in the unconditional branch for every
   prompt, a change CFG amplifies by w − 1: on the toy world the circle membrane then keeps less of the pairs and a
-  stack moves unrelated images more (measured in the README, "Measured on the toy world").
+  stack moves unrelated images more (docs/methods/spm.md).
 - Rows the text encoder did not produce (``prompt_embeds`` passed in directly) are scored by s_f alone.
 """
 

@@ -185,7 +185,7 @@ def _toy_shape(shape: str) -> Concept:
         anchors=tuple(f"a {s}" for s in others),
         aliases=tuple(a.phrase for a in toy.aliases_of(shape)),
         # SPM steers "a red circle" (and its pairs) to "a red square" rather than to the empty prompt: the other
-        # object of a pair stays (README, "Measured on the toy world"); colours and fills keep SPM's empty surrogate
+        # object of a pair stays (docs/methods/spm.md); colours and fills keep SPM's empty surrogate
         method_overrides={"spm": {"steer": "swap", "pair_target": "swap", "steps": 300}},
     )
 

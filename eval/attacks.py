@@ -351,7 +351,7 @@ class ImageInversion(Attack):
 ATTACKS: dict[str, type[Attack]] = {a.name: a for a in (AliasSearch, ConceptArithmetic, RingABell, UnlearnDiffAtk,
                                                         ImageInversion)}
 
-# smaller budgets for tests and smoke runs; the defaults are the README's measurement
+# smaller budgets for tests and smoke runs; the defaults are the robustness results' (docs/results/robustness.md)
 SMALL_BUDGET = {
     "alias_search": dict(max_candidates=16, screen_images=2, images=2),
     "concept_arithmetic": dict(budget=4, search_images=1, images=2, pool_size=8),

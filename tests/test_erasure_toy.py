@@ -11,7 +11,7 @@ CIRCLE_BAR, OTHER_SHAPES_BAR = 0.10, 0.90
 
 def test_esd_at_the_defaults_erases_and_pays_for_it_on_the_documented_frontier(circle_reports, esd_circle):
     """ESD has no preservation term, so on the toy world its erasure and its collateral damage move together: the
-    README ("Measured on the toy world", the ESD tables and the reading below them) maps that frontier over many settings
+    docs/methods/esd.md (the ESD tables and the reading below them) maps that frontier over many settings
     and finds that no run reaches the issue's circle bar while keeping the other shapes at the issue's
     preservation bar. The foundation issue's ESD bars are retired in favour of that finding, which this test holds
     the default run to:

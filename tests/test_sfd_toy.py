@@ -40,12 +40,12 @@ def test_student_keeps_the_other_shapes_and_colours(student_report):
     assert rest["erased"]["colour"]["rate"] >= 0.90, rest["erased"]["colour"]
 
 
-@pytest.mark.xfail(strict=True, reason="a goal SFD is not re-tuned for on the current toy world yet: see README, "
-                   "'Measured on the toy world', SFD erasing circle (issues 3, 6 and 29)")
+@pytest.mark.xfail(strict=True, reason="a goal SFD is not re-tuned for on the current toy world yet: see "
+                   "docs/methods/sfd.md (issues 3, 6 and 29)")
 def test_student_fid_is_within_1_5x_of_the_teacher(student_report):
     """The issue's bar: the student's toy FID (against data images drawn for the same prompts, judge features, same
     sample count) at most 1.5× the 25-step teacher's. The measured ratios, on this world and the previous one, are in
-    the README ("Measured on the toy world", SFD erasing circle)."""
+    docs/methods/sfd.md."""
     rest = student_report["rest"]
     assert rest["erased"]["fid"] <= 1.5 * rest["base"]["fid"], (rest["erased"]["fid"], rest["base"]["fid"])
 

@@ -1,5 +1,5 @@
 """SPM membranes measured on the toy world (slow: each membrane is trained once at the toy defaults, shared by the
-tests of this file; the figures these tests guard are in the README, "Measured on the toy world", SPM membranes): erasing "circle" removes it from its prompts, its aliases and the
+tests of this file; the figures these tests guard are in docs/methods/spm.md): erasing "circle" removes it from its prompts, its aliases and the
 two-object scenes that name it, while, with facilitated transport on, every other prompt keeps its shape and colour;
 three membranes (a shape, a colour, a fill) stacked — what they reach and the issue bars they still miss."""
 
@@ -95,7 +95,7 @@ def stack_report_style(stack_paths, judge):
 def test_three_stacked_membranes_erase_the_shape_and_the_colour_and_spare_most_of_the_rest(stack_report):
     """Under the flat similarity (the SPM code's) the stack erases circle and red, and the prompts naming none of the
     three keep most of their shape, colour and fill; the measured figures, and those of the alternatives, are in the
-    README's three-membrane table ("Measured on the toy world", SPM membranes)."""
+    three-membrane stack in docs/methods/spm.md."""
     for concept in ("circle", "red"):
         base, erased = (stack_report["concepts"][concept][k] for k in ("base", "erased"))
         assert base["target"]["rate"] >= 0.9 and erased["target"]["rate"] <= 0.10, (concept, base, erased)

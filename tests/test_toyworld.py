@@ -69,7 +69,7 @@ def quality(judge):
 
 
 def test_base_world_quality_does_not_regress(quality):
-    """Regression guard just under the committed world's measured level (README, "Measured on the toy world": base
+    """Regression guard just under the committed world's measured level (docs/toy-world.md: base
     world at CFG 4, 1 image per prompt), tighter than the acceptance bars below."""
     q = quality
     assert q["single"]["shape"]["rate"] >= 0.96 and q["single"]["colour"]["rate"] >= 0.98

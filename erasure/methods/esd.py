@@ -91,7 +91,7 @@ class ESD(FineTuneMethod):
     adversarial = True
     title = "fine-tune UNet weights to negatively guide away from the concept (ESD, Gandikota et al. 2023)"
     config_class = ESDConfig
-    # the toy world's 2.4 M-parameter UNet: larger lr, fewer steps, batches (README, "Measured on the toy world")
+    # the toy world's 2.4 M-parameter UNet: larger lr, fewer steps, batches (docs/methods/esd.md)
     toy_defaults = {"steps": 200, "lr": 1e-4, "batch_size": 8, "ddim_steps": 25, "variant": "esd-u"}
 
     def __init__(self, pipe, concept, config, ctx):

@@ -46,7 +46,7 @@ class RECE(UCE):
     title = "UCE, then rounds erasing the closed-form adversarial embedding of the concept (RECE, Gong et al. 2024)"
     config_class = RECEConfig
     # the toy world: UCE's, then one round (RECE's count for objects) preserving the first edit's prompts: with the
-    # empty prompt only, or three rounds, other shapes fell to 0.06–0.83 (README, "Measured on the toy world")
+    # empty prompt only, or three rounds, other shapes fell to 0.06–0.83 (docs/methods/uce-rece.md)
     toy_defaults = {**UCE.toy_defaults, "rounds": 1, "round_preserve": "all"}
 
     @classmethod

@@ -84,7 +84,7 @@ class SalUn(FineTuneMethod):
     computes_mask = True
     adversarial = True
     uses_reference = False  # its loss runs the current model only (no frozen teacher, as the official code)
-    # the toy world's 2.4 M-parameter UNet (README, "Measured on the toy world")
+    # the toy world's 2.4 M-parameter UNet (docs/methods/salun.md)
     toy_defaults = {"steps": 200, "lr": 1e-4, "batch_size": 16, "alpha": 0.4, "forget_images": 512,
                     "retain_images": 4096}
 

@@ -152,7 +152,7 @@ class SFD(Method):
     config_class = SFDConfig
     writes_folder = True
     shardable = True
-    # the toy world (README, "Measured on the toy world"): κ 2 as SiD-LSG's run_sid.sh; EMA as SiD, which distils from
+    # the toy world (docs/methods/sfd.md): κ 2 as SiD-LSG's run_sid.sh; EMA as SiD, which distils from
     # scratch; the regression samples at the toy world's sampler CFG; t_max 700:
     # above it the teacher's x̂₀ is mostly the caption's mean
     toy_defaults = {"steps": 400, "lr": 5e-5, "lr_fake": 1e-4, "batch_size": 8, "cfg_train_fake": 2.0,

@@ -112,7 +112,7 @@ class SPM(Method):
     adversarial = True
     title = "a rank-1 membrane with latent anchoring, loads anywhere (SPM, Lyu et al. 2024) [default]"
     config_class = SPMConfig
-    # the toy world's 2.4 M-parameter UNet (README, "Measured on the toy world"); shapes also steer by swap (concepts.py)
+    # the toy world's 2.4 M-parameter UNet (docs/methods/spm.md); shapes also steer by swap (concepts.py)
     toy_defaults = {"steps": 200, "lr": 5e-3, "batch_size": 4, "ddim_steps": 12, "anchor_weight": 1.5,
                     "anchor_samples": 4, "anchor_source": "captions", "anchor_latents": "own", "pair_fraction": 0.5}
 

@@ -97,7 +97,7 @@ class UCE(FineTuneMethod):
     shardable = False
     uses_reference = False
     # the toy world: each prompt (and 64 two-object captions) mapped to itself with the substitute's word, the
-    # 256 preserved captions at 0.1 (README, "Measured on the toy world")
+    # 256 preserved captions at 0.1 (docs/methods/uce-rece.md)
     toy_defaults = {"guide": "swap", "pairs": 64, "preserve_scale": 0.1}
 
     @classmethod

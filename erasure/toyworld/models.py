@@ -22,7 +22,7 @@ TEXT_WIDTH = 64  # CLIP text width = UNet cross_attention_dim
 
 # The toy world's evaluation CFG scale. Measured on the committed world (README, "Base world"; 2 images per prompt):
 # at 4.0 every base bar holds with margin; 5.0 draws the same fills but loses shapes to blur, and SD's customary 7.5
-# over-saturates this small model's images (README, "Measured on the toy world").
+# over-saturates this small model's images (docs/toy-world.md).
 GUIDANCE = 4.0
 
 # SD v1's noise schedule (scaled_linear 0.00085 → 0.012, 1000 steps).
