@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 
 from adapters.artifact import write_bytes_atomic, write_text_atomic
 from adapters.errors import UserError
+from eval.generate import read_manifest
 from eval.results import column_key
 
 TARGET, ALIAS, OTHER = "target", "alias", "other"  # the toy sweeps' prompt-set names the erasure table reads
@@ -185,8 +186,10 @@ def replace_block(text: str, block: Sequence[str]) -> str:
 def picture(folder, results: dict, prompt_set: str, *, columns: int = 8, scale: int = 2):
     """One row per model of the first ``columns`` images of ``prompt_set`` (the same prompts and seeds in every
     row), each row labelled with its model → a PIL image, or ``None`` when a model has no images on disk."""
-    files = {m["name"]: sorted((Path(folder) / "images" / m["name"] / prompt_set).glob("[0-9]*.png"))
-             for m in results["models"]}
+    files = {}
+    for m in results["models"]:  # the sweep's own image folders, in manifest order (as report.html's grids)
+        images = Path(folder) / results["images"][f"{m['name']}/{prompt_set}"]
+        files[m["name"]] = [images / e["file"] for e in read_manifest(images)]
     columns = min([columns, *map(len, files.values())])
     if not files or columns == 0:
         return None
@@ -222,7 +225,9 @@ def write_page(folder, results: dict, path, command: str, *, base: str = "base",
     replace that file's headline table. Every write is atomic. → the files written."""
     path = Path(path)
     if readme is not None:
-        replace_block(Path(readme).read_text(), [])  # no markers: refused before anything is written
+        readme = Path(readme)
+        readme_text = readme.read_text()
+        replace_block(readme_text, [])  # no markers: refused before anything is written
     path.parent.mkdir(parents=True, exist_ok=True)
     pset = next((p["name"] for p in results["prompt_sets"] if p["name"] == TARGET), None) or \
         (results["prompt_sets"][0]["name"] if results["prompt_sets"] else None)
@@ -239,9 +244,7 @@ def write_page(folder, results: dict, path, command: str, *, base: str = "base",
     write_text_atomic(path, page(results, command, base=base, image=image, image_set=pset))
     written += [data, path]
     if readme is not None:
-        readme = Path(readme)
         link = Path(os.path.relpath(path, readme.parent)).as_posix()
-        text = replace_block(readme.read_text(), headline(results, f"[{link}]({link})", base=base))
-        write_text_atomic(readme, text)
+        write_text_atomic(readme, replace_block(readme_text, headline(results, f"[{link}]({link})", base=base)))
         written.append(readme)
     return written
