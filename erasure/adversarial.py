@@ -9,6 +9,8 @@ of the plain ones (its frozen targets still come from the plain prompts), plus t
 
 The inner objective is UnlearnDiffAtk's: the current model's denoising loss on images of the concept, conditioned on
 [δ; c] (AdvUnlearn's own, ‖ε_θ(x_t, [δ; c]) − ε₀(x_t, c)‖², needs the frozen model, which SPM and SalUn do not keep).
+A one-step generator (SFD's student) has no denoising loss of its own: δ makes its output from fresh noise z match an
+image of the concept, ‖G(z, [δ; c]) − x₀‖², as :class:`eval.attacks.UnlearnDiffAtk` attacks a one-step student.
 δ starts each round from random vocabulary embeddings (the README's ``--attack_init random``); Adam, no norm bound.
 Each round's randomness comes from (seed, step) alone, so a resumed run attacks exactly as an uninterrupted one.
 """
@@ -57,7 +59,8 @@ def settings(on_toy: bool, explicit: dict) -> AttackSettings:
 class Adversary:
     """The inner attack on a method being trained. ``method`` supplies ``attack_model()`` (a context giving the
     current model's UNet, e.g. with SPM's membrane on), ``adversarial_texts()`` (the prompts its loss conditions on)
-    and its concept's images (:meth:`erasure.concepts.Concept.concept_latents`)."""
+    and its concept's images (:meth:`erasure.concepts.Concept.concept_latents`); a ``one_step`` method (SFD) also
+    ``generate(z, cond)``, its generator's clean latents."""
 
     def __init__(self, method, s: AttackSettings, seed: int):
         pipe = method.pipe
@@ -93,8 +96,10 @@ class Adversary:
         z0 = self.latents[pick]
         t = torch.randint(0, self.schedule.config.num_train_timesteps, (b,), generator=gen)
         noise = torch.randn(z0.shape, generator=gen).to(z0)
-        x_t = self.schedule.add_noise(z0, noise, t.to(z0.device))
         cond = self.encode([self.captions[int(i)] for i in pick], soft)
+        if self.method.one_step:  # a one-step generator: its output from fresh noise should be the concept's image
+            return (self.method.generate(noise, cond) - z0).pow(2).mean()
+        x_t = self.schedule.add_noise(z0, noise, t.to(z0.device))
         out = unet(x_t.to(unet.dtype), t.to(z0.device), cond.to(unet.dtype)).sample.float()
         a = self.schedule.alphas_cumprod.to(z0.device)[t.to(z0.device)].view(-1, 1, 1, 1)
         return (out - prediction.target(z0, noise, a, self.kind)).pow(2).mean()

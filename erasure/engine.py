@@ -368,7 +368,9 @@ def fit(method: Method, *, steps: int, output: Path, seed: int, accelerator, che
             with accelerator.autocast():
                 adversary.attack(step)
         loss = method.train_step(gen, optimizers, accelerator, step)
-        history.append({"loss": loss, **adversary.last} if adversary is not None and adversary.last else loss)
+        if adversary is not None and adversary.last:  # the latest inner attack's success beside the losses
+            loss = {**(loss if isinstance(loss, dict) else {"loss": loss}), **adversary.last}
+        history.append(loss)
         bar.update()
         bar.set_postfix_str(_log_line(history[-1]))
         if main and not quiet and bar.disable and (step + 1) % log_every == 0:  # log lines where there is no bar

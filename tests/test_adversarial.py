@@ -108,6 +108,7 @@ def test_an_adversarial_run_resumes_bit_identically(sd_folder, tmp_path, monkeyp
     (["--method", "esd", "--retain-weight", "0.5"], "add --adversarial"),
     (["--method", "esd", "--adversarial", "--attack-steps", "0"], "must be ≥ 1"),
     (["--method", "esd", "--adversarial", "--attack-lr", "-1"], "> 0"),
+    (["--method", "sfd", "--adversarial", "--adversarial-fraction", "0"], "must be in (0, 1]"),
 ])
 def test_bad_adversarial_options_exit_2_with_one_line(argv, match, capsys):
     assert main(["--concept", "circle", "--dry-run", *argv]) == 2
@@ -153,3 +154,41 @@ def test_text_encoder_variant_ships_a_delta_that_plugs_into_another_unet(sd_fold
     plan = json.loads(capsys.readouterr().out)
     assert plan["esd"]["variant"] == "text-encoder" and plan["esd"]["lr"] == 1e-5 and plan["esd"]["steps"] == 1000
     assert plan["adversarial"]["steps"] == 30 and plan["adversarial"]["retain_weight"] == 0.3
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_an_adversarial_sfd_run_attacks_its_generator_and_trains_on_the_attacked_forget_prompts(tmp_path, monkeypatch,
+                                                                                               fraction):
+    """SFD's student is a one-step generator: the inner attack fits δ so that G([δ; c]) draws the concept's images
+    (its loss falls), and from then on the generator and the fake score see the forget prompts behind δ (all of
+    them, or ``--adversarial-fraction`` of the rows, the rest plain), while the remain batch stays plain."""
+    from erasure.methods import sfd as sfd_module
+
+    seen = []
+    original = sfd_module.SFD._draw
+
+    def spy(self, gen, pool, partner=None, attacked=False):
+        d = original(self, gen, pool, partner, attacked)
+        if self.adversary.delta is not None:  # each row's distance to the nearest plain row of its pool
+            gap = (d["cond"].unsqueeze(1) - pool.unsqueeze(0)).abs().flatten(2).amax(-1).amin(1)
+            seen.append((pool is self.forget, attacked, int((gap > 1e-4).sum()), int((gap == 0).sum())))
+        return d
+
+    monkeypatch.setattr(sfd_module.SFD, "_draw", spy)
+    out = tmp_path / "sfd-adv"
+    argv = ["--concept", "circle", "--method", "sfd", "--output", str(out), "--steps", "4", "--batch-size", "8",
+            "--prompt-pool", "32", "--quiet", "--adversarial", "--attack-warmup", "1", "--attack-every", "2",
+            "--attack-steps", "5", "--attack-images", "4", "--adversarial-fraction", str(fraction)]
+    assert main(argv) == 0
+    record = json.loads(out.with_name("sfd-adv.json").read_text())
+    assert set(record["loss"][0]) == {"fake", "generator"}, "no attack during the warm-up"
+    assert [set(e) for e in record["loss"][1:]] == [{"fake", "generator", "atk", "atk_start"}] * 3
+    assert all(e["atk"] > e["atk_start"] for e in record["loss"][1:]), "the attack lowered the generator's loss"
+    forget = [(a, moved, plain) for is_forget, a, moved, plain in seen if is_forget]
+    remain = [(a, plain) for is_forget, a, _, plain in seen if not is_forget]
+    assert len(forget) == 6 and all(a for a, _, _ in forget)  # fake and generator steps of three attacked iterations
+    moved, plain = sum(m for _, m, _ in forget), sum(p for _, _, p in forget)
+    assert moved + plain == 6 * 8
+    assert plain == 0 if fraction == 1.0 else 12 <= moved <= 36, (moved, plain)
+    assert remain == [(False, 8)] * 6
+    assert json.loads((out / "erasure.json").read_text())["adversarial"]["steps"] == 5

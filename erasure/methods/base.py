@@ -63,6 +63,7 @@ class Method(ABC):
     shardable: ClassVar[bool] = False  # it implements shard() (--fsdp)
 
     adversarial: ClassVar[bool] = False  # it trains on inner-attack prompts (--adversarial): implements attacked()
+    one_step: ClassVar[bool] = False  # it trains a one-step generator: the inner attack targets generate(z, cond)
     params: dict[str, torch.Tensor]
     sharding = None  # an erasure.sharding.Sharding once shard() has run
     adversary = None  # an erasure.adversarial.Adversary under --adversarial

@@ -19,6 +19,11 @@ with y_fake = x̂₀ of f_ψ^{κ2}(x_t, t, c) and y_real = x̂₀ of f_φ^{κ4}(
 on the forget batch G and f_ψ see the forget prompt c_f and the *teacher* sees the override prompt c_s — so G under c_f
 is pulled toward the teacher's p(x | c_s) and never learns the concept. Data-free: only prompts are used.
 
+Under ``--adversarial`` (:mod:`erasure.adversarial`) the inner attack searches prefix embeddings δ that make G draw
+the concept, and both networks see the forget prompts behind them, [δ*; c_f] (``adversarial_fraction`` of the rows;
+the rest stay plain), while the teacher still sees c_s: the student is pulled toward the override prompt's
+distribution on the attacker's inputs too.
+
 Data parallel without DDP wrappers: every process draws the same global batch from the same seeded generator and
 takes its own rows; gradients (per-process losses normalised by the local batch) are averaged across processes, so
 N processes follow a 1-process run with the same global batch.
@@ -26,6 +31,7 @@ N processes follow a 1-process run with the same global batch.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
 
@@ -80,6 +86,9 @@ class SFDConfig:
     regression_pairs: int = option(256, "teacher samples (noise, prompt → latent) drawn once for the regression term, half "
                                    "remain and half forget prompts")
     regression_guidance: float = option(7.5, "CFG scale of the teacher samples of the regression term (25 DDIM steps)")
+    adversarial_fraction: float = option(0.5, "--adversarial: the fraction of forget rows behind the inner attack's "
+                                         "prefix; the rest keep their plain prompts, which the student must keep "
+                                         "forgetting (1: all, as AdvUnlearn trains ESD)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,6 +161,8 @@ class SFD(Method):
     config_class = SFDConfig
     writes_folder = True
     shardable = True
+    adversarial = True
+    one_step = True
     # the toy world (docs/methods/sfd.md): κ 2 as SiD-LSG's run_sid.sh; EMA as SiD, which distils from
     # scratch; the regression samples at the toy world's sampler CFG; t_max 700:
     # above it the teacher's x̂₀ is mostly the caption's mean
@@ -163,6 +174,8 @@ class SFD(Method):
     def check(cls, config, concept) -> None:
         if config.fake_steps < 1:
             raise UserError(f"sfd: --fake-steps must be at least 1 (got {config.fake_steps})")
+        if not 0.0 < config.adversarial_fraction <= 1.0:
+            raise UserError(f"sfd: --adversarial-fraction must be in (0, 1] (got {config.adversarial_fraction})")
         if config.regression_weight < 0 or (config.regression_weight > 0 and config.regression_pairs < 2):
             raise UserError(f"sfd: need --regression-weight ≥ 0 and, when it is on, --regression-pairs ≥ 2 (got "
                             f"{config.regression_weight}, {config.regression_pairs})")
@@ -233,8 +246,10 @@ class SFD(Method):
         b = self.config.batch_size // self.acc.num_processes
         return slice(self.acc.process_index * b, (self.acc.process_index + 1) * b)
 
-    def _draw(self, gen: torch.Generator, pool: torch.Tensor, partner: torch.Tensor | None = None):
-        """A global batch's randomness, sliced to this process: conditions, z, t, ε (and 10 % prompt dropout)."""
+    def _draw(self, gen: torch.Generator, pool: torch.Tensor, partner: torch.Tensor | None = None,
+              attacked: bool = False):
+        """A global batch's randomness, sliced to this process: conditions, z, t, ε (and 10 % prompt dropout);
+        ``attacked``: the conditions behind the inner attack's prefix once it has run (forget prompts)."""
         B, dev = self.config.batch_size, self.teacher.device
         c, s = self.teacher.config.in_channels, self.teacher.config.sample_size
         idx = torch.randint(len(pool), (B,), generator=gen)
@@ -243,7 +258,12 @@ class SFD(Method):
         eps = torch.randn((B, c, s, s), generator=gen)
         drop = torch.rand(B, generator=gen) < 0.1
         r = self._rows()
-        out = {"cond": pool[idx][r], "z": z[r].to(dev), "t": t[r].to(dev), "eps": eps[r].to(dev), "drop": drop[r]}
+        cond = pool[idx][r]
+        if attacked and self.adversary is not None:  # the rows behind the attack's prefix: all, or a fraction
+            frac = self.config.adversarial_fraction
+            use = (torch.rand(B, generator=gen) < frac)[r] if frac < 1 else torch.ones(len(cond), dtype=torch.bool)
+            cond = torch.where(use.to(cond.device).view(-1, 1, 1), self.attacked(cond, idx[r]), cond)
+        out = {"cond": cond, "z": z[r].to(dev), "t": t[r].to(dev), "eps": eps[r].to(dev), "drop": drop[r]}
         if partner is not None:
             out["partner"] = partner[idx][r]
         return out
@@ -263,7 +283,7 @@ class SFD(Method):
         total = 0.0
         opt.zero_grad(set_to_none=True)
         for pool, weight in ((self.remain, cfg.sg_remain), (self.forget, cfg.sg_forget)):  # forget: f_ψ sees c_f
-            d = self._draw(gen, pool)
+            d = self._draw(gen, pool, attacked=pool is self.forget)
             with self.acc.autocast():
                 with torch.no_grad():
                     x_g = one_step(self.G, d["z"], d["cond"], self.abar, cfg.t_init, self.prediction_type)
@@ -288,7 +308,7 @@ class SFD(Method):
         opt.zero_grad(set_to_none=True)
         for name, pool, partner, weight in (("remain", self.remain, None, cfg.g_remain),
                                             ("forget", self.forget, self.override, cfg.g_forget)):
-            d = self._draw(gen, pool, partner)
+            d = self._draw(gen, pool, partner, attacked=partner is not None)
             teacher_cond = d["partner"] if partner is not None else d["cond"]  # forget: the teacher sees c_s
             with self.acc.autocast():
                 x_g = one_step(self.G, d["z"], d["cond"], self.abar, cfg.t_init, self.prediction_type)
@@ -339,6 +359,26 @@ class SFD(Method):
             torch.nn.utils.clip_grad_value_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)  # one network's gradients at a time
+
+    # -- adversarial erasure: the inner attack runs the generator -------------------------------------------------
+    def adversarial_texts(self) -> list[str]:
+        """The forget prompts: the rows of ``self.forget`` that :meth:`attacked` indexes."""
+        return self.prompts["forget"]
+
+    @contextmanager
+    def attack_model(self):
+        """The generator as it is now, its weights taking no gradient while the inner attack runs through it."""
+        was = [p.requires_grad for p in self.G.parameters()]
+        self.G.requires_grad_(False)
+        try:
+            yield self.G
+        finally:
+            for p, r in zip(self.G.parameters(), was):
+                p.requires_grad_(r)
+
+    def generate(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """G's clean latents x_g from noise z (B, 4, h, w) under ``cond`` (B, 77, D), fp32."""
+        return one_step(self.G, z, cond, self.abar, self.config.t_init, self.prediction_type)
 
     # -- the fit loop's hooks ------------------------------------------------------------------------------------
     def train_step(self, gen, optimizers: dict, accelerator, step: int) -> dict:
