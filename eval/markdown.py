@@ -20,7 +20,7 @@ from adapters.errors import UserError
 from eval.generate import read_manifest
 from eval.results import column_key
 
-TARGET, ALIAS, OTHER = "target", "alias", "other"  # the toy sweeps' prompt-set names the erasure table reads
+TARGET, ALIAS, OTHER, PAIR = "target", "alias", "other", "pair"  # the toy sweeps' prompt-set names the tables read
 
 
 def _value(results: dict, model: str, metric: str, quantity: str, pset: str):
@@ -55,8 +55,8 @@ def erased_models(results: dict) -> list[dict]:
 def erasure_rows(results: dict, base: str = "base") -> list[dict]:
     """Per erased model of a toy sweep (prompt sets ``target``, ``alias``, ``other``; a ``toy_concept_rates`` and a
     ``fid`` metric): the highest judge rate among its erased concepts on their own prompts and on aliases, the rate
-    at which the prompts naming none of them are drawn as asked (and its ratio to ``base``), and the toy FID ratio
-    on those prompts."""
+    at which the prompts naming none of them are drawn as asked (and its ratio to ``base``), the toy FID ratio on
+    those prompts and, with a ``pair`` set, how often two-object prompts keep their other shape (and its ratio)."""
     rates, fid = _metric(results, "toy_concept_rates"), _metric(results, "fid")
     rows = []
     for e in erased_models(results):
@@ -66,14 +66,20 @@ def erasure_rows(results: dict, base: str = "base") -> list[dict]:
             aliases = [_value(results, e["model"], rates, f"{c}.target", ALIAS) for c in e["concepts"]]
             kept = _value(results, e["model"], rates, f"{e['concepts'][0]}.other", OTHER)
             kept_base = _value(results, base, rates, f"{e['concepts'][0]}.other", OTHER)
+            pair = _value(results, e["model"], rates, f"{e['concepts'][0]}.kept", PAIR)
+            pair_base = _value(results, base, rates, f"{e['concepts'][0]}.kept", PAIR)
             row.update(target_max=max((v for v in targets if v is not None), default=None),
                        alias_max=max((v for v in aliases if v is not None), default=None), kept=kept,
-                       kept_ratio=round(kept / kept_base, 3) if kept is not None and kept_base else None)
+                       kept_ratio=_ratio(kept, kept_base), pair_kept=pair, pair_kept_ratio=_ratio(pair, pair_base))
         if fid:
             f, f_base = _value(results, e["model"], fid, "fid", OTHER), _value(results, base, fid, "fid", OTHER)
             row["fid_ratio"] = round(f / f_base, 3) if f is not None and f_base else None
         rows.append(row)
     return rows
+
+
+def _ratio(value, base_value):
+    return round(value / base_value, 3) if value is not None and base_value else None
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -97,6 +103,9 @@ def erasure_table(results: dict, base: str = "base") -> list[str]:
     body = [[r["model"], r["method"], r["n"], r["train_seconds"],
              None if r["bytes"] is None else round(r["bytes"] / 2**20, 3), r.get("target_max"), r.get("alias_max"),
              r.get("kept"), r.get("kept_ratio"), r.get("fid_ratio")] for r in rows]
+    if any(r.get("pair_kept") is not None for r in rows):  # two-object prompts: is the other shape still drawn?
+        header += ["two-object prompts: other shape kept", "× base"]
+        body = [b + [r.get("pair_kept"), r.get("pair_kept_ratio")] for b, r in zip(body, rows)]
     return _table(header, body)
 
 
@@ -118,11 +127,21 @@ def set_tables(results: dict) -> list[str]:
 
 
 def attack_table(results: dict) -> list[str]:
-    """Models × attacks: the pre-attack rate and each attack's success rate (higher = the concept came back)."""
+    """Models × attacks: the pre-attack rate, each attack's success rate (higher = the concept came back) and, per
+    concept and budget, the worst of them (``CONCEPT.worst[.BUDGET]``: the highest rate among the attacks run)."""
     rows = [r for r in results["rows"] if r["metric"] == "attack"]
     keys = list(dict.fromkeys(r["quantity"] for r in rows))
     by = {(r["model"], r["quantity"]): r["value"] for r in rows}
-    return _table(["model", *keys], [[m, *(by.get((m, k)) for k in keys)] for m in dict.fromkeys(r["model"] for r in rows)])
+    worst: dict[str, list[str]] = {}  # CONCEPT.worst[.BUDGET] → the attack columns it is the maximum of
+    for k in keys:
+        concept, attack, *budget = k.split(".")
+        if attack != "pre_attack":
+            worst.setdefault(".".join([concept, "worst", *budget]), []).append(k)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    body = [[m, *(by.get((m, k)) for k in keys),
+             *(max((by[(m, k)] for k in cols if (m, k) in by), default=None) for cols in worst.values())]
+            for m in models]
+    return _table(["model", *keys, *worst], body)
 
 
 def page(results: dict, command: str, *, base: str = "base", image: str | None = None,
@@ -146,11 +165,14 @@ def page(results: dict, command: str, *, base: str = "base", image: str | None =
         lines += ["## Erasure", "",
                   "Rates are the toy judge's: the fraction of images showing the concept (own prompts, aliases: "
                   f"lower is better), and of prompts naming none of the erased concepts drawn as asked (higher is "
-                  f"better; × base: the ratio to the model `{base}`).", ""]
+                  f"better; × base: the ratio to the model `{base}`)"
+                  + (", and of two-object prompts naming the concept whose other shape is drawn (higher is better)"
+                     if any(r.get("pair_kept") is not None for r in erasure_rows(results, base)) else "") + ".", ""]
         lines += erasure_table(results, base)
     if any(r["metric"] == "attack" for r in results["rows"]):
         lines += ["", "## Attacks", "", "Attack success rate: the fraction of the attack's images in which the judge "
-                  "sees the concept (pre_attack: the model on the concept's own prompts).", ""] + attack_table(results)
+                  "sees the concept (pre_attack: the model on the concept's own prompts; worst: the highest rate "
+                  "among the attacks run, per budget).", ""] + attack_table(results)
     lines += ["", "## Every prompt set", "", "(The fractions of images with no shape at all, `*_none`, are in "
               "`results.csv`.)"] + set_tables(results)
     return "\n".join(lines) + "\n"

@@ -297,7 +297,9 @@ class ToyConceptRates(Metric):
     - ``other``: over images whose prompt does not name ``c`` but names something of the same kind, the fraction in
       which the judge sees what was asked (every prompted shape; the prompted colour; the prompted fill) — what must
       keep working;
-    - ``unprompted``: over all images whose prompt does not name ``c``, the fraction in which the judge sees ``c``.
+    - ``unprompted``: over all images whose prompt does not name ``c``, the fraction in which the judge sees ``c``;
+    - ``kept``: over images whose prompt names the shape ``c`` beside other shapes (two-object prompts), the fraction
+      in which the judge sees every other shape asked for — what an erasure of ``c`` must leave in the scene.
 
     ``target`` and ``other`` carry ``none_rate``, the fraction of images where the judge sees no shape at all, as
     :class:`ConceptRate` does. ``update(records, images)`` takes records with ``shapes`` / ``colour`` / ``fill``
@@ -307,7 +309,7 @@ class ToyConceptRates(Metric):
 
     higher_is_better = None
     full_state_update = False
-    _STATES = ("t_n", "t_hit", "t_empty", "o_n", "o_ok", "o_empty", "u_n", "u_seen")
+    _STATES = ("t_n", "t_hit", "t_empty", "o_n", "o_ok", "o_empty", "u_n", "u_seen", "k_n", "k_ok")
 
     def __init__(self, judge=None, **kwargs):
         super().__init__(**kwargs)
@@ -351,6 +353,10 @@ class ToyConceptRates(Metric):
                 counts["t_n"][j] += 1
                 counts["t_hit"][j] += int(s.has(c))
                 counts["t_empty"][j] += empty
+                rest = set(shapes) - {c}
+                if rest:
+                    counts["k_n"][j] += 1
+                    counts["k_ok"][j] += int(rest <= s.shapes)
                 continue
             counts["u_n"][j] += 1
             counts["u_seen"][j] += int(s.has(c))
@@ -371,5 +377,6 @@ class ToyConceptRates(Metric):
                 continue
             out[c] = {"kind": self.kinds[c], "target": rate(v["t_hit"], v["t_empty"], v["t_n"]),
                       "other": rate(v["o_ok"], v["o_empty"], v["o_n"]),
-                      "unprompted": {"rate": v["u_seen"] / max(v["u_n"], 1), "n": v["u_n"]}}
+                      "unprompted": {"rate": v["u_seen"] / max(v["u_n"], 1), "n": v["u_n"]},
+                      "kept": {"rate": v["k_ok"] / max(v["k_n"], 1), "n": v["k_n"]}}
         return out

@@ -81,7 +81,8 @@ def default_specs(results: dict) -> list[dict]:
 
 _HINTS = {"target": "concept rate on its prompts, lower = erased", "other": "prompted content kept, higher = better",
           "fid": "lower = closer to the reference", "kid_mean": "lower = closer to the reference",
-          "score": "CLIP score, higher = better aligned", "unprompted": "concept seen unasked, lower = better"}
+          "score": "CLIP score, higher = better aligned", "unprompted": "concept seen unasked, lower = better",
+          "kept": "other shapes of two-object prompts kept, higher = better"}
 
 
 def _label(axis: str, results: dict) -> str:

@@ -56,8 +56,8 @@ Format (every relative path is relative to the config file)::
 and ``resume``. Metric kinds, their options and the quantities of their rows:
 
     toy_concept_rates   concepts (default: the CONCEPT of toy:CONCEPT sources), threshold (the judge's, 0.5)
-                        → CONCEPT.target, .target_none, .other, .other_none, .unprompted (ToyConceptRates; a rate
-                        over no images is left out)
+                        → CONCEPT.target, .target_none, .other, .other_none, .unprompted, .kept (ToyConceptRates;
+                        a rate over no images is left out)
     fid / kid           feature = "toy" or inception_weights = PATH (torch-fidelity's TF-FID Inception), antialias,
                         reference = "toy-data" (toy-world images drawn for the same prompts; the default on toy
                         sets) | "model:NAME" (that model's images of the same set) | a folder of images;

@@ -111,10 +111,10 @@ class MetricKind:
 
 
 def _rate(concept: str, group: str, key: str, result: dict, n: int):
-    r = result.get(concept)
-    if r is None or not r[group]["n"]:  # a rate over no images is no number
+    g = result.get(concept, {}).get(group)
+    if not g or not g["n"]:  # a rate over no images is no number
         return None
-    return float(r[group][key]), int(r[group]["n"])
+    return float(g[key]), int(g["n"])
 
 
 @dataclass
@@ -127,7 +127,7 @@ class ToyConceptRatesKind(MetricKind):
     kind = "toy_concept_rates"
     Options = _ToyRatesOptions
     RATES = {"target": ("target", "rate"), "target_none": ("target", "none_rate"), "other": ("other", "rate"),
-             "other_none": ("other", "none_rate"), "unprompted": ("unprompted", "rate")}
+             "other_none": ("other", "none_rate"), "unprompted": ("unprompted", "rate"), "kept": ("kept", "rate")}
 
     @classmethod
     def check(cls, place, opts, sets, models):

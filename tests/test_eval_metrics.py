@@ -302,6 +302,23 @@ def test_toy_concept_rates_arithmetic():
     assert r["red"]["target"]["rate"] == 1.0 and r["red"]["other"] == {"rate": 0.5, "none_rate": 0.5, "n": 2}
     assert r["striped"]["target"]["rate"] == 0.0 and r["striped"]["other"]["n"] == 0
     assert set(r) == set(data.SHAPES) | set(data.COLOURS) | set(data.FILLS)
+    assert r["circle"]["kept"] == {"rate": 0.0, "n": 0}  # no prompt names a circle beside another shape
+
+
+def test_toy_concept_rates_count_what_two_object_prompts_keep_of_their_other_shape():
+    """``kept``: on prompts naming the concept and another shape, was the other shape drawn? (erased or not)"""
+    records = [PromptRecord("a circle and a square", shapes=("circle", "square")),
+               PromptRecord("a circle and a star", shapes=("circle", "star")),
+               PromptRecord("a circle and a square", shapes=("circle", "square")),
+               PromptRecord("a square", shapes=("square",))]
+    seen = [_seen(["square"]), _seen(["circle"]), _seen(["square", "circle"]), _seen(["square"])]
+    m = ToyConceptRates(judge=StubJudge(seen))
+    m.update(records, np.zeros((4, 32, 32, 3), np.uint8))
+    r = m.compute()
+    assert r["circle"]["kept"] == {"rate": 2 / 3, "n": 3}  # the star was lost with the circle
+    assert r["circle"]["target"]["rate"] == 2 / 3
+    assert r["square"]["kept"] == {"rate": 0.5, "n": 2}  # pairs naming a square: the circle drawn once of twice
+    assert r["star"]["kept"] == {"rate": 1.0, "n": 1}  # its circle was drawn (the star was not)
 
 
 def test_toy_concept_rates_with_the_real_judge_on_data_images():

@@ -61,6 +61,30 @@ def test_the_page_its_data_its_picture_and_the_readme_table(tmp_path):
     assert "[docs/results.md](docs/results.md)" in new
 
 
+def test_the_erasure_table_says_what_two_object_prompts_keep_when_the_sweep_has_a_pair_set(tmp_path):
+    results = _erased(fake_results(tmp_path / "sweep"))
+    assert "two-object" not in "\n".join(markdown.erasure_table(results))  # no pair set, no column
+    for model, kept in (("base", 0.8), ("erased", 0.6)):
+        results["rows"].append({"model": model, "metric": "rates", "quantity": "circle.kept", "prompt_set": "pair",
+                                "value": kept, "n": 8})
+    table = markdown.erasure_table(results)
+    assert table[0].endswith("| two-object prompts: other shape kept | × base |")
+    assert table[2].endswith("| 0.6 | 0.75 |") and table[2].startswith("| erased |")
+    assert "other shape is drawn" in markdown.page(results, "cmd")
+
+
+def test_the_attack_table_gives_each_budgets_worst_attack():
+    rows = [("m", "circle.pre_attack", 0.0), ("m", "circle.alias_search", 0.1), ("m", "circle.ring_a_bell", 0.3),
+            ("m", "circle.alias_search.large", 0.5), ("n", "circle.pre_attack", 0.2), ("n", "circle.alias_search", 0.05)]
+    results = {"rows": [{"model": m, "metric": "attack", "quantity": q, "prompt_set": "attack", "value": v, "n": 8}
+                        for m, q, v in rows]}
+    header, _, m, n = markdown.attack_table(results)
+    assert header == ("| model | circle.pre_attack | circle.alias_search | circle.ring_a_bell | circle.alias_search.large "
+                      "| circle.worst | circle.worst.large |")
+    assert m == "| m | 0 | 0.1 | 0.3 | 0.5 | 0.3 | 0.5 |"  # the pre-attack rate is no attack
+    assert n == "| n | 0.2 | 0.05 | – | – | 0.05 | – |"
+
+
 def test_a_readme_without_markers_is_refused_before_anything_is_written(tmp_path, capsys):
     folder = tmp_path / "sweep"
     (folder).mkdir()
