@@ -217,7 +217,9 @@ def picture(folder, results: dict, prompt_set: str, *, columns: int = 8, scale: 
         return None
     rows = [(name, [Image.open(f).convert("RGB") for f in fs[:columns]]) for name, fs in files.items()]
     w, h = rows[0][1][0].size
-    label, pad = 64, 2  # the label column fits 10 characters of PIL's default font
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label = max(64, 8 + max(int(measure.textlength(name)) for name, _ in rows))  # the longest model name fits
+    pad = 2
     out = Image.new("RGB", (label + columns * (w * scale + pad), len(rows) * (h * scale + pad)), "white")
     draw = ImageDraw.Draw(out)
     for i, (name, images) in enumerate(rows):

@@ -554,4 +554,9 @@ def test_many_concepts_and_robustness_examples_are_valid_sweeps():
     assert large.budget == "large" and set(large.models) == {n for n in names if n.endswith("-adv")}
     assert {"paraphrase", "pair"} <= {p.name for p in robust.prompt_sets}
     frontier = sweep.load_config(EXAMPLE.parent / "toy_robust_frontier.toml", output="unused")
-    assert all(m.artifacts[0].train["attack_tokens"] == 5 for m in frontier.models[1:])
+    trained = {m.name: (m.artifacts[0].train if m.artifacts else m.train) for m in frontier.models[1:]}
+    assert all(t["adversarial"] for t in trained.values())
+    assert all(t["attack_tokens"] == 5 for n, t in trained.items() if n.endswith("-strong"))
+    assert {t["method"] for t in trained.values()} == {"esd", "spm", "salun", "sfd"}
+    assert {t.get("seed", 0) for n, t in trained.items() if n.startswith("sfd-adv-half")} == {0, 1, 2}
+    assert [a.budget for a in frontier.attacks] == ["default", "large"]
