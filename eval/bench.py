@@ -329,7 +329,8 @@ EXAMPLES = """\
 Examples:
   python -m eval.bench --models toy                         # membrane speed and memory ratios
   python -m eval.bench --models toy --one-step              # + one-step generator vs the 25-step teacher
-  python -m eval.bench --memory --models sd1 --methods spm,esd   # training memory per method, full size"""
+  python -m eval.bench --memory --models sd1 --methods spm,esd   # training memory per method, full size
+  python -m eval.bench --memory --models sd1 --levers levers --adversarial   # with an inner attack in the step"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--levers", default=",".join(training_memory.LEVERS), help="lever sets: fp32, levers (default: both)")
     m.add_argument("--cache", help="folder of the saved random pipelines (default ~/.cache/erasure/bench-models)")
     m.add_argument("--limit-gb", type=float, help="stop a case whose memory passes this (default: 90%% of RAM)")
+    m.add_argument("--adversarial", action="store_true",
+                   help="each step after one inner-attack step (--adversarial training); methods: "
+                        f"{', '.join(training_memory.ADVERSARIAL)} (default: all of them)")
     return p
 
 
@@ -391,13 +395,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _memory_main(args, models: list[str]) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     levers = [m.strip() for m in args.levers.split(",") if m.strip()]
-    for given, allowed, what in ((models, training_memory.MODELS, "model"), (methods, training_memory.METHODS, "method"),
+    known = training_memory.ADVERSARIAL if args.adversarial else training_memory.METHODS
+    if args.adversarial and args.methods == build_parser().get_default("methods"):
+        methods = list(known)
+    for given, allowed, what in ((models, training_memory.MODELS, "model"), (methods, known, "method"),
                                  (levers, tuple(training_memory.LEVERS), "lever set")):
         bad = [x for x in given if x not in allowed]
         if bad or not given:
             print(f"error: unknown --memory {what}(s) {bad or given!r}: choose from {', '.join(allowed)}", file=sys.stderr)
             return 2
-    report = training_memory.bench(models, methods, Path(args.cache) if args.cache else None, args.limit_gb, levers)
+    report = training_memory.bench(models, methods, Path(args.cache) if args.cache else None, args.limit_gb, levers,
+                                   adversarial=args.adversarial)
     text = json.dumps(report, indent=2)
     print(text)
     print(training_memory.table(report))

@@ -9,7 +9,9 @@ is stopped and reported as ``> limit`` (the machine's memory is not the bench's 
 Lever sets: ``fp32`` (none) and ``levers`` (bf16 mixed precision with frozen networks in bf16, gradient
 checkpointing, and for SFD the factored optimiser). The options shrink each method's set-up to what one step needs
 (2 sampling steps, 2 generated images for SalUn, batch 1) — the step itself is full size. The closed-form methods
-run their whole edit (UCE) or the edit and one adversarial round (RECE).
+run their whole edit (UCE) or the edit and one adversarial round (RECE). With ``adversarial`` (``--adversarial``),
+the methods that train against an inner attack (ESD, SPM, SalUn, SFD) run their step after one inner-attack step on
+one image of the concept (``ADVERSARIAL_OPTIONS``): the attack's graph through the trained model is what it adds.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ STEP_OPTIONS = {
     "rece": {"rounds": 1},  # the edit and one adversarial round
 }
 
+ADVERSARIAL = ("spm", "esd", "salun", "sfd")  # the methods --adversarial trains
+# an inner attack at the first step, one Adam step on one image (its memory is one attack step's; AdvUnlearn runs 30)
+ADVERSARIAL_OPTIONS = {"adversarial": True, "attack_warmup": 0, "attack_steps": 1, "attack_images": 1}
+
 
 def default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "erasure" / "bench-models"
@@ -59,10 +65,10 @@ def model_folder(model: str, cache: Path) -> Path:
     return folder
 
 
-def case_options(model_dir: Path, method: str, levers: str, output: Path) -> dict:
+def case_options(model_dir: Path, method: str, levers: str, output: Path, adversarial: bool = False) -> dict:
     extra = SFD_LEVERS if method == "sfd" and levers == "levers" else {}
     return {"model": str(model_dir), "checkpoint_every": 0, "quiet": True, "output": str(output),
-            **STEP_OPTIONS[method], **LEVERS[levers], **extra}
+            **STEP_OPTIONS[method], **LEVERS[levers], **extra, **(ADVERSARIAL_OPTIONS if adversarial else {})}
 
 
 def run_case(options: dict, method: str) -> dict:
@@ -87,12 +93,12 @@ def _rss_bytes(pid: int) -> int:
         return 0
 
 
-def measure(model: str, method: str, levers: str, cache: Path, limit_gb: float) -> dict:
+def measure(model: str, method: str, levers: str, cache: Path, limit_gb: float, adversarial: bool = False) -> dict:
     """One case in a fresh process → its record (peak GB, seconds, status)."""
     folder = model_folder(model, cache)
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         out = Path(tmp) / ("student" if method == "sfd" else "a.safetensors")
-        spec = json.dumps({"options": case_options(folder, method, levers, out), "method": method})
+        spec = json.dumps({"options": case_options(folder, method, levers, out, adversarial), "method": method})
         t0 = time.time()
         with open(Path(tmp) / "out", "w+") as out_f, open(Path(tmp) / "err", "w+") as err_f:
             child = subprocess.Popen([sys.executable, "-m", "eval.bench_memory", spec], stdout=out_f, stderr=err_f,
@@ -109,8 +115,8 @@ def measure(model: str, method: str, levers: str, cache: Path, limit_gb: float) 
             child.returncode = os.waitstatus_to_exitcode(status)
             out_f.seek(0), err_f.seek(0)
             stdout, stderr = out_f.read(), err_f.read()
-    rec = {"model": model, "method": method, "levers": levers, "seconds": round(time.time() - t0, 1),
-           "peak_rss_gb": round(usage.ru_maxrss * 1024 / 2**30, 2)}
+    rec = {"model": model, "method": method, "levers": levers, "adversarial": adversarial,
+           "seconds": round(time.time() - t0, 1), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 2**30, 2)}
     if stopped:
         rec["status"] = f"stopped above {limit_gb:.1f} GB"
     elif child.returncode:
@@ -123,17 +129,18 @@ def measure(model: str, method: str, levers: str, cache: Path, limit_gb: float) 
     return rec
 
 
-def bench(models, methods, cache: Path | None = None, limit_gb: float | None = None, lever_sets=tuple(LEVERS)) -> dict:
+def bench(models, methods, cache: Path | None = None, limit_gb: float | None = None, lever_sets=tuple(LEVERS),
+          adversarial: bool = False) -> dict:
     cache = cache or default_cache()
     limit_gb = limit_gb or 0.9 * _total_memory_gb()
     rows = []
     for model in models:
         for method in methods:
             for levers in lever_sets:
-                rows.append(measure(model, method, levers, cache, limit_gb))
+                rows.append(measure(model, method, levers, cache, limit_gb, adversarial))
                 r = rows[-1]
-                print(f"{model} {method} {levers}: peak RSS {r['peak_rss_gb']} GB, {r['status']}, {r['seconds']} s",
-                      file=sys.stderr)
+                print(f"{model} {method} {_levers_label(r)}: peak RSS {r['peak_rss_gb']} GB, {r['status']}, "
+                      f"{r['seconds']} s", file=sys.stderr)
     return {"device": "cuda" if torch.cuda.is_available() else "cpu", "limit_gb": round(limit_gb, 1),
             "levers": {"fp32": "none", "levers": "bf16 mixed precision (frozen networks in bf16), gradient "
                                                  "checkpointing; SFD also --optimizer factored"},
@@ -145,6 +152,10 @@ def _total_memory_gb() -> float:
         return int(f.readline().split()[1]) / 2**20
 
 
+def _levers_label(row: dict) -> str:
+    return row["levers"] + (" + adversarial" if row.get("adversarial") else "")
+
+
 def table(report: dict) -> str:
     """The report as a markdown table."""
     peak = "CUDA peak allocated (GB)" if report["device"] == "cuda" else "peak RSS (GB)"
@@ -153,7 +164,7 @@ def table(report: dict) -> str:
         value = r.get("cuda_peak_gb", r["peak_rss_gb"])
         target = report["targets_gb"].get(r["model"], {}).get(r["method"]) if r["levers"] == "levers" else None
         shown = f"> {report['limit_gb']:.1f}" if r["status"].startswith("stopped") else value
-        lines.append(f"| {r['model']} | {r['method']} | {r['levers']} | {shown} | {target or ''} | {r['status']} | "
+        lines.append(f"| {r['model']} | {r['method']} | {_levers_label(r)} | {shown} | {target or ''} | {r['status']} | "
                      f"{r['seconds']} |")
     return "\n".join(lines) + "\n"
 

@@ -108,8 +108,21 @@ def test_memory_bench_reports_a_case_over_the_limit(tmp_path):
     assert "| > " in bench_memory.table(report)
 
 
+def test_memory_bench_runs_an_adversarial_step_when_asked(tmp_path):
+    """--adversarial: the case trains with an inner attack at its first step (the run record says so)."""
+    from eval import bench_memory
+
+    opts = bench_memory.case_options(tmp_path, "sfd", "levers", tmp_path / "s", adversarial=True)
+    assert opts["adversarial"] and opts["attack_warmup"] == 0 and opts["optimizer"] == "factored"
+    report = bench_memory.bench(["tiny"], ["esd"], tmp_path, lever_sets=("fp32",), adversarial=True)
+    (row,) = report["rows"]
+    assert row["status"] == "ok" and row["adversarial"] is True
+    assert "| tiny | esd | fp32 + adversarial |" in bench_memory.table(report)
+
+
 @pytest.mark.parametrize("argv, word", [(["--methods", "dance"], "method"), (["--models", "sd9"], "model"),
-                                         (["--levers", "turbo"], "lever set")])
+                                         (["--levers", "turbo"], "lever set"),
+                                         (["--adversarial", "--methods", "uce"], "method")])
 def test_memory_bench_rejects_unknown_names(argv, word, capsys):
     assert bench.main(["--memory", *argv]) == 2
     err = capsys.readouterr().err.strip()
