@@ -28,6 +28,8 @@ def sd_folder(tmp_path_factory):
 class _Erased:
     """What the adversary needs of a method: the pipeline, the concept, the model the attack runs."""
 
+    one_step = False  # a multi-step denoiser: the attack's objective is its denoising loss
+
     def __init__(self, pipe, concept):
         self.pipe, self.concept, self.unet, self.params = pipe, concepts.resolve(concept), pipe.unet, {}
         self.ctx = Context(seed=0, model_id="toy", quiet=True)
