@@ -50,9 +50,9 @@ class TrainConfig:
                               "turns TF32 off, as SiD)")
     fsdp: bool = option(False, "shard the trained networks (and SFD's teacher) across the processes of `accelerate "
                         "launch` with FSDP (esd, salun, sfd); such runs write no intermediate checkpoints")
-    adversarial: bool = option(False, "adversarial erasure (AdvUnlearn; esd, salun, spm): every few steps an inner "
-                               "attack finds prefix embeddings that bring the concept back on the current model, and "
-                               "the method trains on the attacked prompts, with a retain regulariser")
+    adversarial: bool = option(False, "adversarial erasure (AdvUnlearn; esd, salun, spm, sfd): every few steps an "
+                               "inner attack finds prefix embeddings that bring the concept back on the current "
+                               "model, and the method trains on the attacked prompts, with a retain regulariser")
     attack_every: int | None = option(None, "--adversarial: steps between inner attacks (AdvUnlearn: 1; toy: 5)")
     attack_steps: int | None = option(None, "--adversarial: Adam steps of each inner attack (AdvUnlearn: 30; toy: 10)")
     attack_lr: float | None = option(None, "--adversarial: the inner attack's learning rate (AdvUnlearn: 1e-3; toy: "

@@ -140,6 +140,9 @@ def plan(concept: str, method: str = "spm", options: dict | None = None) -> Plan
         resolved = replace(resolved, prompts=texts)
     run.model = run.model or resolved.default_model
     explicit = {k: v for k, v in options.items() if k in method_fields}
+    inert = [k for k, v in explicit.items() if v is not None and method_fields[k].metadata.get("adversarial_only")]
+    if inert and not run.adversarial:
+        raise UserError(f"--{inert[0].replace('_', '-')} is an option of --adversarial: add --adversarial")
     overrides = resolved.method_overrides
     if run.adversarial and resolved.robust_overrides:  # the preset's adversarial recipe (nudity: AdvUnlearn's)
         overrides = {**overrides, **{m: {**overrides.get(m, {}), **o} for m, o in resolved.robust_overrides.items()}}

@@ -111,6 +111,7 @@ def test_an_adversarial_run_resumes_bit_identically(sd_folder, tmp_path, monkeyp
     (["--method", "esd", "--adversarial", "--attack-steps", "0"], "must be ≥ 1"),
     (["--method", "esd", "--adversarial", "--attack-lr", "-1"], "> 0"),
     (["--method", "sfd", "--adversarial", "--adversarial-fraction", "0"], "must be in (0, 1]"),
+    (["--method", "sfd", "--adversarial-fraction", "0.5"], "add --adversarial"),
 ])
 def test_bad_adversarial_options_exit_2_with_one_line(argv, match, capsys):
     assert main(["--concept", "circle", "--dry-run", *argv]) == 2

@@ -88,7 +88,7 @@ class SFDConfig:
     regression_guidance: float = option(7.5, "CFG scale of the teacher samples of the regression term (25 DDIM steps)")
     adversarial_fraction: float = option(0.5, "--adversarial: the fraction of forget rows behind the inner attack's "
                                          "prefix; the rest keep their plain prompts, which the student must keep "
-                                         "forgetting (1: all, as AdvUnlearn trains ESD)")
+                                         "forgetting (1: all, as AdvUnlearn trains ESD)", adversarial_only=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
