@@ -138,8 +138,10 @@ def _copy(state: torch.Tensor) -> torch.Generator:
 
 @contextmanager
 def _no_param_grads(method):
-    """The trained parameters take no gradient while the inner attack differentiates through them."""
-    params = [p for p in getattr(method, "params", {}).values() if p.requires_grad]
+    """The trained parameters (those of the method's trained networks that take gradients now: SPM's membrane, a
+    fine-tune's weights, SFD's generator and fake score) take none while the inner attack differentiates through
+    them."""
+    params = [p for m in method.trained_modules() for p in m.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
     try:

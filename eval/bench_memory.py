@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from erasure.methods import METHODS as ALL_METHODS
+
 METHODS = ("spm", "esd", "salun", "sfd", "uce", "rece")
 MODELS = ("tiny", "sd1", "sdxl")
 LEVERS = {"fp32": {}, "levers": {"mixed_precision": "bf16", "gradient_checkpointing": True}}
@@ -42,7 +44,7 @@ STEP_OPTIONS = {
     "rece": {"rounds": 1},  # the edit and one adversarial round
 }
 
-ADVERSARIAL = ("spm", "esd", "salun", "sfd")  # the methods --adversarial trains
+ADVERSARIAL = tuple(m for m in METHODS if ALL_METHODS[m].adversarial)  # the methods --adversarial trains
 # an inner attack at the first step, one Adam step on one image (its memory is one attack step's; AdvUnlearn runs 30)
 ADVERSARIAL_OPTIONS = {"adversarial": True, "attack_warmup": 0, "attack_steps": 1, "attack_images": 1}
 

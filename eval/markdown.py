@@ -73,7 +73,7 @@ def erasure_rows(results: dict, base: str = "base") -> list[dict]:
                        kept_ratio=_ratio(kept, kept_base), pair_kept=pair, pair_kept_ratio=_ratio(pair, pair_base))
         if fid:
             f, f_base = _value(results, e["model"], fid, "fid", OTHER), _value(results, base, fid, "fid", OTHER)
-            row["fid_ratio"] = round(f / f_base, 3) if f is not None and f_base else None
+            row["fid_ratio"] = _ratio(f, f_base)
         rows.append(row)
     return rows
 
@@ -96,8 +96,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
     return lines
 
 
-def erasure_table(results: dict, base: str = "base") -> list[str]:
-    rows = erasure_rows(results, base)
+def erasure_table(results: dict, base: str = "base", rows: list[dict] | None = None) -> list[str]:
+    """The erasure table of :func:`erasure_rows` (``rows``: those rows, when the caller has them already)."""
+    rows = erasure_rows(results, base) if rows is None else rows
     header = ["model", "method", "N", "train s", "artifact MB", "erased: max rate on own prompts",
               "max rate on aliases", "rest drawn as asked", "× base", "rest toy FID × base"]
     body = [[r["model"], r["method"], r["n"], r["train_seconds"],
@@ -162,13 +163,14 @@ def page(results: dict, command: str, *, base: str = "base", image: str | None =
         lines += [f"![The first images of prompt set {image_set!r}, one row per model]({image})", "",
                   f"*One row per model, the same prompts ({image_set!r}) and seeds in every row.*", ""]
     if erased_models(results):
+        rows = erasure_rows(results, base)
         lines += ["## Erasure", "",
                   "Rates are the toy judge's: the fraction of images showing the concept (own prompts, aliases: "
                   f"lower is better), and of prompts naming none of the erased concepts drawn as asked (higher is "
                   f"better; × base: the ratio to the model `{base}`)"
                   + (", and of two-object prompts naming the concept whose other shape is drawn (higher is better)"
-                     if any(r.get("pair_kept") is not None for r in erasure_rows(results, base)) else "") + ".", ""]
-        lines += erasure_table(results, base)
+                     if any(r.get("pair_kept") is not None for r in rows) else "") + ".", ""]
+        lines += erasure_table(results, base, rows)
     if any(r["metric"] == "attack" for r in results["rows"]):
         lines += ["", "## Attacks", "", "Attack success rate: the fraction of the attack's images in which the judge "
                   "sees the concept (pre_attack: the model on the concept's own prompts; worst: the highest rate "

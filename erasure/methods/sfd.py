@@ -31,7 +31,7 @@ N processes follow a 1-process run with the same global batch.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import dataclass
 
@@ -260,6 +260,7 @@ class SFD(Method):
         r = self._rows()
         cond = pool[idx][r]
         if attacked and self.adversary is not None:  # the rows behind the attack's prefix: all, or a fraction
+            # (all rows draw nothing from gen, so such a run repeats one made before the fraction existed)
             frac = self.config.adversarial_fraction
             use = (torch.rand(B, generator=gen) < frac)[r] if frac < 1 else torch.ones(len(cond), dtype=torch.bool)
             cond = torch.where(use.to(cond.device).view(-1, 1, 1), self.attacked(cond, idx[r]), cond)
@@ -365,16 +366,9 @@ class SFD(Method):
         """The forget prompts: the rows of ``self.forget`` that :meth:`attacked` indexes."""
         return self.prompts["forget"]
 
-    @contextmanager
     def attack_model(self):
-        """The generator as it is now, its weights taking no gradient while the inner attack runs through it."""
-        was = [p.requires_grad for p in self.G.parameters()]
-        self.G.requires_grad_(False)
-        try:
-            yield self.G
-        finally:
-            for p, r in zip(self.G.parameters(), was):
-                p.requires_grad_(r)
+        """The generator as it is now (the inner attack runs it through :meth:`generate`)."""
+        return nullcontext(self.G)
 
     def generate(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """G's clean latents x_g from noise z (B, 4, h, w) under ``cond`` (B, 77, D), fp32."""
